@@ -1,0 +1,147 @@
+"""The ``irm-lens`` command line: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from irm_lens._io import atomic_write_json
+from irm_lens.errors import IRMLensError
+from irm_lens.generation import compare_generations
+from irm_lens.irm import IRM, IRM_PRESETS
+from irm_lens.models import load_model
+
+DEFAULT_PROMPTS = [
+    "Tell me about your weekend.",
+    "What do you think of the new office?",
+    "Describe the weather today.",
+    "How was the meeting this morning?",
+]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name or path (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    parser.add_argument(
+        "--allow-download", action="store_true", help="let Hugging Face fetch missing weights"
+    )
+
+
+def _load(args: argparse.Namespace):
+    return load_model(
+        args.model, dtype=_DTYPES[args.dtype], device=args.device, allow_download=args.allow_download
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    model = _load(args)
+    print(
+        f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model},"
+        f" {args.dtype}, {model.cfg.device}) loaded in {time.perf_counter() - start:.1f} s"
+    )
+    if args.irm:
+        irm = IRM.load(args.irm, model)
+        origin = f"loaded from {args.irm}"
+    else:
+        torch.manual_seed(args.seed)
+        irm = IRM.for_model(model, layers=args.layers, preset=args.preset)
+        origin = f"untrained (random init, seed {args.seed}): expect noise, not an alignment"
+    print(
+        f"IRM: {origin}; reads {irm.config.read_site}, writes {irm.config.inject_site} of "
+        f"{irm.config.n_injected} layers, {irm.config.n_params:,} parameters, scale {args.scale}"
+    )
+    if args.save_irm:
+        print(f"IRM saved to {irm.save(args.save_irm)}")
+    prompts = args.prompt or DEFAULT_PROMPTS
+    generations = compare_generations(
+        model,
+        irm,
+        prompts,
+        scale=args.scale,
+        chat=not args.no_chat,
+        max_new_tokens=args.max_new_tokens,
+    )
+    for g in generations:
+        print(f"\n>>> {g.prompt}\n  IRM off: {g.unsteered!r}\n  IRM on:  {g.steered!r}")
+    if args.out:
+        record = {
+            "model": model.cfg.model_name,
+            "irm_config": irm.config.to_dict(),
+            "irm_origin": origin,
+            "scale": args.scale,
+            "generations": [asdict(g) for g in generations],
+        }
+        print(f"\nresults written to {atomic_write_json(args.out, record)}")
+    print(f"\ndone in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args)
+    cfg = model.cfg
+    fields = ("model_name", "n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head",
+              "d_mlp", "d_vocab", "n_ctx", "eps", "rotary_base", "dtype", "device")
+    for name in fields:
+        print(f"{name:>18}: {getattr(cfg, name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irm-lens",
+        description="Steer a frozen Llama with an Injectable Realignment Model and explain it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", help="the main job: load the model, inject an IRM, compare generations"
+    )
+    _add_model_args(run)
+    run.add_argument("--irm", help="a saved IRM (.safetensors file or its directory)")
+    run.add_argument("--layers", default="all", help="layer set for a new IRM (all, q1..q4, every4, 2-5, 3,7)")
+    run.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--scale", type=float, default=1.0, help="multiplier on the IRM's outputs")
+    run.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    run.add_argument("--max-new-tokens", type=int, default=30)
+    run.add_argument(
+        "--no-chat", action="store_true", help="feed prompts raw, not in the chat template"
+    )
+    run.add_argument("--save-irm", help="save the IRM used to this path")
+    run.add_argument("--out", help="write the generations as JSON here")
+    run.set_defaults(func=_cmd_run)
+
+    info = sub.add_parser("info", help="print a model's architecture as irm_lens loads it")
+    _add_model_args(info)
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except IRMLensError as exc:
+        print(f"irm-lens: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``inject``: run a HookedTransformer with an IRM's outputs added to its residual stream."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from irm_lens.errors import ShapeMismatchError
+from irm_lens.irm import IRM
+
+
+@contextmanager
+def inject(model: HookedTransformer, irm: IRM, *, scale: float = 1.0) -> Iterator[None]:
+    """Add ``irm``'s per-token outputs to ``model``'s residual stream inside a ``with`` block.
+
+    Every forward pass inside the block (``model(...)``, ``run_with_cache``, ``run_with_hooks``,
+    ``generate`` with or without the KV cache, padded batches, backward passes for training)
+    reads the IRM's input at ``irm.config.read_site`` and adds output ``i`` to
+    ``irm.config.hook_names()[i]``. With the KV cache only new tokens pass through the model,
+    and since the IRM acts on each token separately the result equals the uncached run.
+
+    The hooks are registered as permanent TransformerLens hooks, so ``model.reset_hooks()`` and
+    the temporary hooks of ``run_with_cache`` leave them alone; they are removed on exit, even
+    when the block raises. Nesting several ``inject`` blocks stacks their interventions.
+
+    Args:
+        model: The host model.
+        irm: An IRM built for ``model`` (same d_model and n_layers).
+        scale: Multiplies the IRM's outputs (1.0 = as trained; 0.0 = no effect).
+
+    Example:
+        >>> with irm_lens.inject(model, irm):  # doctest: +SKIP
+        ...     steered = model.generate("How was the meeting?", max_new_tokens=30)
+    """
+    irm.check_compatible(model)
+    hook_dict = model.hook_dict
+    for name in [irm.config.read_site, *irm.config.hook_names()]:
+        if name not in hook_dict:
+            raise ShapeMismatchError(f"The model has no hook point named {name!r}.")
+
+    # The current forward pass's IRM output lives here, in the context, never on the IRM.
+    pass_state: dict[str, Tensor] = {}
+    last = irm.config.n_injected - 1
+
+    def read(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> None:
+        pass_state["delta"] = irm(resid)  # [batch, pos, n_injected, d_model]
+
+    def write_for(i: int) -> Callable[[Tensor, HookPoint], Tensor]:
+        def write(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+            delta = pass_state.get("delta")
+            if delta is None:
+                raise RuntimeError(
+                    f"inject(): {hook.name} ran without the IRM's input {irm.config.read_site} "
+                    "in the same forward pass (start_at_layer past the read site?)."
+                )
+            if i == last:
+                del pass_state["delta"]  # drop the reference so the graph can be freed
+            out = delta[:, :, i, :]  # [batch, pos, d_model]
+            if scale != 1.0:
+                out = out * scale
+            return resid + out.to(device=resid.device, dtype=resid.dtype)
+
+        return write
+
+    hooks = [(irm.config.read_site, read)]
+    hooks += [(name, write_for(i)) for i, name in enumerate(irm.config.hook_names())]
+    added: list[tuple[HookPoint, Callable]] = []
+    try:
+        for name, fn in hooks:
+            hook_point = hook_dict[name]
+            hook_point.add_hook(fn, dir="fwd", is_permanent=True)
+            added.append((hook_point, fn))
+        yield
+    finally:
+        for hook_point, fn in added:
+            _remove_hook(hook_point, fn)
+        pass_state.clear()
+
+
+def _remove_hook(hook_point: HookPoint, fn: Callable) -> None:
+    """Remove exactly one of our hooks, leaving every other (permanent or not) in place."""
+    kept = []
+    for handle in hook_point.fwd_hooks:
+        if handle.user_hook is fn:
+            handle.hook.remove()
+        else:
+            kept.append(handle)
+    hook_point.fwd_hooks = kept
+

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random Llama-architecture models, and the embedded model.
+
+Unit tests use tiny models built here (random weights, a byte-level tokenizer), so they run in
+seconds and need nothing but the installed packages. Integration tests use the embedded
+SmolLM2-135M-Instruct, loaded once per session through the on-disk conversion cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=5000.0,
+    tie_word_embeddings=False,
+)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus 4 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def save_tiny_llama(directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random LlamaForCausalLM (+ tokenizer) as a local checkpoint directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), **overrides})
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # RMSNorm weights start at 1; make them informative
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_llama_dir):
+    import irm_lens
+
+    return irm_lens.load_model(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    import irm_lens
+
+    return irm_lens.load_model(device="cpu")

@@ -1,0 +1,78 @@
+"""The embedded SmolLM2-135M-Instruct: conversion, its cache, and injection on a real model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import irm_lens
+from irm_lens import IRM, inject, models
+from irm_lens.generation import compare_generations
+
+pytestmark = pytest.mark.embedded
+
+
+def test_embedded_model_shape(embedded_model):
+    cfg = embedded_model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads) == (30, 576, 9, 3)
+    assert (cfg.d_mlp, cfg.d_vocab, cfg.rotary_base) == (1536, 49152, 100000.0)
+    assert cfg.model_name == irm_lens.EMBEDDED_MODEL_NAME
+
+
+def test_embedded_logits_match_transformers_from_the_same_gguf(embedded_model):
+    from transformers import AutoModelForCausalLM
+
+    path = models.embedded_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokens = embedded_model.to_tokens("The capital of France is Paris, and the capital of Italy is")
+    with torch.no_grad():
+        ours, theirs = embedded_model(tokens), hf(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_second_load_comes_from_the_cache(embedded_model, monkeypatch):
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache holds this GGUF")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    again = irm_lens.load_model(device="cpu")
+    assert torch.equal(again.W_E, embedded_model.W_E)
+
+
+def test_corrupt_cache_is_rebuilt(embedded_model, tmp_path, monkeypatch):
+    entry = models.cache_dir() / "models" / models.file_sha256(models.embedded_gguf_path())[:32]
+    assert (entry / "model.safetensors").is_file()
+    monkeypatch.setenv("IRM_LENS_CACHE", str(tmp_path))
+    copy = tmp_path / "models" / entry.name
+    shutil.copytree(entry, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rebuilt = irm_lens.load_model(device="cpu")
+    assert torch.equal(rebuilt.W_E, embedded_model.W_E)
+    assert weights.stat().st_size > 1000
+
+
+def test_kv_cache_on_and_off_agree_under_injection(embedded_model):
+    torch.manual_seed(0)
+    irm = IRM.for_model(embedded_model, layers="every4", preset="small")
+    tokens = embedded_model.to_tokens("The weather today is")
+    outs = []
+    for use_cache in (True, False):
+        with inject(embedded_model, irm, scale=0.05):
+            outs.append(
+                embedded_model.generate(
+                    tokens, max_new_tokens=12, do_sample=False, use_past_kv_cache=use_cache,
+                    stop_at_eos=False, verbose=False,
+                )
+            )
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_a_strong_irm_changes_generations(embedded_model):
+    torch.manual_seed(0)
+    irm = IRM.for_model(embedded_model, layers="q2", preset="small", output_scale=4.0)
+    (g,) = compare_generations(embedded_model, irm, ["Describe the weather today."],
+                               max_new_tokens=8, progress=False)
+    assert g.unsteered and g.steered != g.unsteered

@@ -1,0 +1,59 @@
+"""The irm-lens command line, on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from irm_lens import IRM
+from irm_lens.cli import main
+
+
+def test_run_writes_generations_and_the_irm(tiny_llama_dir, tmp_path, capsys):
+    out, irm_path = tmp_path / "gen.json", tmp_path / "irm"
+    code = main([
+        "run", "--model", str(tiny_llama_dir), "--device", "cpu", "--layers", "every2",
+        "--preset", "linear", "--scale", "5", "--prompt", "Hello", "--prompt", "World",
+        "--max-new-tokens", "4", "--out", str(out), "--save-irm", str(irm_path),
+    ])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert [g["prompt"] for g in record["generations"]] == ["Hello", "World"]
+    assert record["irm_config"]["layers"] == [1, 3]
+    assert IRM.load(irm_path).config.layers == (1, 3)
+    printed = capsys.readouterr().out
+    assert "IRM off:" in printed and "IRM on:" in printed
+
+
+def test_run_reuses_a_saved_irm(tiny_llama_dir, tmp_path, capsys):
+    import irm_lens
+
+    model = irm_lens.load_model(tiny_llama_dir, device="cpu")
+    path = IRM.for_model(model, layers=[2], preset="linear").save(tmp_path / "a.safetensors")
+    assert main(["run", "--model", str(tiny_llama_dir), "--device", "cpu", "--irm", str(path),
+                 "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert f"loaded from {path}" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["info", "--model", str(tmp_path / "missing.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("irm-lens: error:") and "does not exist" in err
+
+
+def test_info_prints_the_architecture(tiny_llama_dir, capsys):
+    assert main(["info", "--model", str(tiny_llama_dir), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "d_model: 64" in printed and "rotary_base: 5000.0" in printed
+
+
+def test_console_script_and_module_entry_point():
+    script = Path(sys.executable).parent / "irm-lens"
+    assert script.is_file() or shutil.which("irm-lens"), "pip install should install irm-lens"
+    result = subprocess.run(
+        [sys.executable, "-m", "irm_lens.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "run" in result.stdout
