@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import torch
 
-from irm_lens._io import atomic_write_json
+from irm_lens._io import atomic_write_json, atomic_write_text
 from irm_lens.errors import IRMLensError
 from irm_lens.generation import compare_generations
 from irm_lens.irm import IRM, IRM_PRESETS
@@ -89,6 +89,67 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from irm_lens.data.dataset import load_texts
+    from irm_lens.train import TrainConfig, paper_l1, train
+
+    model = _load(args)
+    torch.manual_seed(args.seed)
+    irm = IRM.for_model(
+        model, layers=args.layers, preset=args.preset, zero_init_output=args.zero_init
+    )
+    data = load_texts(args.data, text_column=args.text_column) if args.data else args.alignment
+    l1 = paper_l1(irm.config) if args.l1 == "paper" else float(args.l1)
+    config = TrainConfig(
+        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        max_epochs=args.epochs, max_steps=args.steps, l1=l1, eval_every=args.eval_every,
+        max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    print(f"training a {irm.config.n_params:,}-parameter IRM on {args.data or args.alignment} "
+          f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
+    result = train(model, irm, data, config, out_dir=args.out, resume=not args.no_resume)
+    print(
+        f"{result.stop_reason}; {result.steps} steps in {result.wall_time_s:.0f} s\n"
+        f"validation loss {result.baseline_val_loss:.4f} without the IRM -> "
+        f"{result.best_val_loss:.4f} with it (step {result.best_step}; perplexity "
+        f"{result.baseline_val_perplexity:.2f} -> {result.val_perplexity:.2f})\n"
+        f"best IRM: {result.out_dir / 'irm.safetensors'}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from irm_lens.evaluate import evaluate
+
+    model = _load(args)
+    irm = IRM.load(args.irm, model)
+    result = evaluate(
+        model, irm, args.alignment, args.prompt, n_prompts=args.n_prompts,
+        max_new_tokens=args.max_new_tokens, n_sampled=args.n_sampled, scale=args.scale,
+        seed=args.seed,
+    )
+    with _pd_options():
+        print(result.summary.round(4).to_string(index=False))
+        print()
+        print(result.lift.round(4).to_string(index=False))
+    print(f"\n{result.verdict}")
+    if args.out:
+        out = Path(args.out)
+        for name in ("samples", "summary", "lift"):
+            atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
+        print(f"tables written to {out}")
+    return 0
+
+
+def _pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 30)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     model = _load(args)
     cfg = model.cfg
@@ -124,6 +185,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-irm", help="save the IRM used to this path")
     run.add_argument("--out", help="write the generations as JSON here")
     run.set_defaults(func=_cmd_run)
+
+    tr = sub.add_parser("train", help="train an IRM toward an alignment")
+    _add_model_args(tr)
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--alignment", help="a built-in alignment: anger, sadness, joy, neutral")
+    source.add_argument("--data", help="a .csv/.jsonl/.parquet file with a text column")
+    tr.add_argument("--text-column", default="text")
+    tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
+    tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
+    tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
+    tr.add_argument("--steps", type=int, default=None, help="max optimizer steps")
+    tr.add_argument("--epochs", type=int, default=15, help="max epochs (paper: 15)")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--l1", default="0", help="L1 coefficient on IRM outputs, or 'paper'")
+    tr.add_argument("--eval-every", type=int, default=None, help="steps (default: per epoch)")
+    tr.add_argument("--max-val-batches", type=int, default=None)
+    tr.add_argument("--checkpoint-every", type=int, default=100)
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
+    tr.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="measure an IRM's alignment on held-out neutral prompts")
+    _add_model_args(ev)
+    ev.add_argument("--irm", required=True)
+    ev.add_argument("--alignment", required=True, help="target emotion (anger, sadness, joy, ...)")
+    ev.add_argument("--prompt", action="append", help="a prompt (repeatable; default: built-in)")
+    ev.add_argument("--n-prompts", type=int, default=40)
+    ev.add_argument("--n-sampled", type=int, default=1)
+    ev.add_argument("--max-new-tokens", type=int, default=40)
+    ev.add_argument("--scale", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="directory for samples.csv, summary.csv, lift.csv")
+    ev.set_defaults(func=_cmd_evaluate)
 
     info = sub.add_parser("info", help="print a model's architecture as irm_lens loads it")
     _add_model_args(info)

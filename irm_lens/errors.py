@@ -19,6 +19,14 @@ class ModelNotAvailableOfflineError(IRMLensError, OSError):
     """The model's weights are not on this machine and the hub cannot (or may not) be reached."""
 
 
+class DataNotFoundError(IRMLensError, FileNotFoundError):
+    """A data file or corpus is missing."""
+
+
+class TrainingDivergedError(IRMLensError, FloatingPointError):
+    """Training produced a non-finite loss."""
+
+
 class UnsupportedArchitectureError(IRMLensError, ValueError):
     """The model is not a Llama-architecture causal LM."""
 

@@ -22,6 +22,16 @@ class Generation:
     steered: str
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """A generated continuation and the token ids it came from (prompt excluded)."""
+
+    prompt: str
+    text: str
+    prompt_ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+
+
 def format_prompt(model: HookedTransformer, prompt: str, chat: bool = True) -> str:
     """``prompt`` as a user turn of the model's chat template, when it has one and ``chat``."""
     tokenizer = model.tokenizer
@@ -30,6 +40,70 @@ def format_prompt(model: HookedTransformer, prompt: str, chat: bool = True) -> s
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
+
+
+def generate_continuations(
+    model: HookedTransformer,
+    prompts: list[str],
+    *,
+    irm: IRM | None = None,
+    scale: float = 1.0,
+    chat: bool = True,
+    max_new_tokens: int = 30,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[Continuation]:
+    """Continuations of ``prompts``, batched (left padding, KV cache), steered by ``irm`` if given.
+
+    Generation stops at the end-of-sequence token; the text is decoded up to it. Sampling is
+    seeded per batch from ``seed``, so a call is reproducible.
+    """
+    tokenizer = model.tokenizer
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    results: list[Continuation] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
+        batch = prompts[start : start + batch_size]
+        tokens = model.to_tokens(
+            [format_prompt(model, p, chat) for p in batch], padding_side="left"
+        )  # [batch, prompt_pos]
+        context = inject(model, irm, scale=scale) if irm is not None else nullcontext()
+        torch.manual_seed(seed + start)
+        with context, torch.no_grad():
+            out = model.generate(
+                tokens,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                stop_at_eos=True,
+                padding_side="left",
+                verbose=False,
+            )  # [batch, prompt_pos + new]
+        prompt_len = tokens.shape[1]
+        for prompt, row_prompt, row in zip(batch, tokens.tolist(), out[:, prompt_len:].tolist()):
+            new_ids = []
+            for token in row:
+                if token in stop_ids:
+                    break
+                new_ids.append(token)
+            prompt_ids = tuple(t for t, m in zip(row_prompt, _real(row_prompt, tokenizer)) if m)
+            results.append(
+                Continuation(prompt, model.to_string(torch.tensor(new_ids)) if new_ids else "",
+                             prompt_ids, tuple(new_ids))
+            )
+    return results
+
+
+def _real(ids: list[int], tokenizer) -> list[bool]:
+    """Mask of the non-padding tokens of a left-padded row."""
+    pad = tokenizer.pad_token_id
+    first = next((i for i, t in enumerate(ids) if t != pad), len(ids))
+    return [i >= first for i in range(len(ids))]
 
 
 def continue_text(
@@ -43,24 +117,17 @@ def continue_text(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float | None = None,
+    seed: int = 0,
 ) -> str:
-    """The continuation of ``prompt`` (without the prompt), steered by ``irm`` when given.
+    """The continuation of one ``prompt`` (without the prompt), steered by ``irm`` when given.
 
     With ``chat`` (default) the prompt is wrapped in the model's chat template if it has one.
     """
-    context = inject(model, irm, scale=scale) if irm is not None else nullcontext()
-    tokens = model.to_tokens(format_prompt(model, prompt, chat))  # [1, pos]
-    with context, torch.no_grad():
-        out = model.generate(
-            tokens,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            stop_at_eos=True,
-            verbose=False,
-        )
-    return model.to_string(out[0, tokens.shape[1] :])
+    (result,) = generate_continuations(
+        model, [prompt], irm=irm, scale=scale, chat=chat, max_new_tokens=max_new_tokens,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+    )
+    return result.text
 
 
 def compare_generations(
@@ -74,11 +141,7 @@ def compare_generations(
     progress: bool = True,
 ) -> list[Generation]:
     """Greedy continuations of each prompt with the IRM off and on."""
-    results = []
-    for prompt in tqdm(prompts, desc="generating", unit="prompt", disable=not progress):
-        unsteered = continue_text(model, prompt, chat=chat, max_new_tokens=max_new_tokens)
-        steered = continue_text(
-            model, prompt, irm=irm, scale=scale, chat=chat, max_new_tokens=max_new_tokens
-        )
-        results.append(Generation(prompt, unsteered, steered))
-    return results
+    kwargs = dict(chat=chat, max_new_tokens=max_new_tokens, progress=progress)
+    off = generate_continuations(model, prompts, **kwargs)
+    on = generate_continuations(model, prompts, irm=irm, scale=scale, **kwargs)
+    return [Generation(p, a.text, b.text) for p, a, b in zip(prompts, off, on)]

@@ -15,7 +15,13 @@ from irm_lens.irm import IRM
 
 
 @contextmanager
-def inject(model: HookedTransformer, irm: IRM, *, scale: float = 1.0) -> Iterator[None]:
+def inject(
+    model: HookedTransformer,
+    irm: IRM,
+    *,
+    scale: float = 1.0,
+    on_output: Callable[[Tensor], None] | None = None,
+) -> Iterator[None]:
     """Add ``irm``'s per-token outputs to ``model``'s residual stream inside a ``with`` block.
 
     Every forward pass inside the block (``model(...)``, ``run_with_cache``, ``run_with_hooks``,
@@ -32,6 +38,8 @@ def inject(model: HookedTransformer, irm: IRM, *, scale: float = 1.0) -> Iterato
         model: The host model.
         irm: An IRM built for ``model`` (same d_model and n_layers).
         scale: Multiplies the IRM's outputs (1.0 = as trained; 0.0 = no effect).
+        on_output: Called with each forward pass's IRM output ``[batch, pos, n_injected,
+            d_model]`` (before ``scale``), e.g. for an L1 penalty during training.
 
     Example:
         >>> with irm_lens.inject(model, irm):  # doctest: +SKIP
@@ -49,6 +57,8 @@ def inject(model: HookedTransformer, irm: IRM, *, scale: float = 1.0) -> Iterato
 
     def read(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> None:
         pass_state["delta"] = irm(resid)  # [batch, pos, n_injected, d_model]
+        if on_output is not None:
+            on_output(pass_state["delta"])
 
     def write_for(i: int) -> Callable[[Tensor, HookPoint], Tensor]:
         def write(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:

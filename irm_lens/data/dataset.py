@@ -1,0 +1,212 @@
+"""User text data, train/val/test splits, tokenisation, and the masked causal-LM loss.
+
+Two defects of the original research code are designed out here and tested against a hand
+computation: labels are shifted exactly once (position t predicts token t+1), and padding
+never enters the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from irm_lens.errors import ConfigError, DataNotFoundError
+
+TextSource = str | os.PathLike | Iterable[str] | Any
+
+
+def load_texts(source: TextSource, *, text_column: str = "text") -> list[str]:
+    """Read texts from a file, a DataFrame, a Hugging Face dataset, or a list of strings.
+
+    Args:
+        source: A ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` path; a pandas DataFrame; a
+            ``datasets.Dataset`` (or a ``DatasetDict``: its ``"train"`` split); or strings.
+        text_column: The column holding the text (files, DataFrames, datasets).
+
+    Returns:
+        The non-empty texts, stripped, in file order.
+    """
+    import pandas as pd
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataNotFoundError(f"No data file at {path}.")
+        readers = {
+            ".csv": pd.read_csv,
+            ".jsonl": lambda p: pd.read_json(p, lines=True),
+            ".json": _read_json_any,
+            ".parquet": pd.read_parquet,
+        }
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            raise ConfigError(
+                f"{path}: unsupported data format {path.suffix!r}; use .csv, .jsonl, .json or "
+                ".parquet with a text column, or pass a datasets.Dataset / DataFrame / list."
+            )
+        try:
+            frame = reader(path)
+        except ValueError as exc:
+            raise ConfigError(f"{path} could not be parsed as {path.suffix}: {exc}") from exc
+        return _column(frame, text_column, str(path))
+    if isinstance(source, pd.DataFrame):
+        return _column(source, text_column, "the DataFrame")
+    if _is_hf_dataset(source):
+        if isinstance(source, dict):  # a DatasetDict: its train split
+            source = source["train"] if "train" in source else next(iter(source.values()))
+        if text_column not in source.column_names:
+            raise ConfigError(
+                f"The dataset has no {text_column!r} column; its columns are "
+                f"{source.column_names}. Pass text_column=..."
+            )
+        return _clean(list(source[text_column]), "the dataset")
+    return _clean(list(source), "the list")
+
+
+def _read_json_any(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_json(path)
+    except ValueError:
+        return pd.read_json(path, lines=True)
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    return type(obj).__module__.startswith("datasets.")
+
+
+def _column(frame, text_column: str, where: str) -> list[str]:
+    if text_column not in frame.columns:
+        raise ConfigError(
+            f"{where} has no {text_column!r} column; its columns are {list(frame.columns)}. "
+            "Pass text_column=..."
+        )
+    return _clean(frame[text_column].tolist(), where)
+
+
+def _clean(values: list[Any], where: str) -> list[str]:
+    texts = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    if not texts:
+        raise ConfigError(f"{where} holds no non-empty text.")
+    return texts
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """Train / validation / test texts, and the seed that split them."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    seed: int
+
+    def fingerprint(self) -> str:
+        """A short hash of the split contents (provenance, and resume checks)."""
+        digest = hashlib.sha256(json.dumps([self.train, self.val, self.test]).encode())
+        return digest.hexdigest()[:16]
+
+
+def split_texts(
+    texts: Iterable[str], *, seed: int = 42, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+) -> TextSplits:
+    """Shuffle with ``seed`` and split (paper: 90/5/5, seed 42).
+
+    Validation and test get at least one text each when there are three or more texts.
+    """
+    texts = list(texts)
+    if len(texts) < 3:
+        raise ConfigError(f"Need at least 3 texts to split into train/val/test, got {len(texts)}.")
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"fractions must be three non-negative numbers summing to 1: {fractions}.")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n = len(texts)
+    n_val = max(1, round(fractions[1] * n))
+    n_test = max(1, round(fractions[2] * n))
+    n_train = n - n_val - n_test
+    shuffled = [texts[i] for i in order]
+    return TextSplits(
+        train=tuple(shuffled[:n_train]),
+        val=tuple(shuffled[n_train : n_train + n_val]),
+        test=tuple(shuffled[n_train + n_val :]),
+        seed=seed,
+    )
+
+
+@dataclass(frozen=True)
+class TokenizedTexts:
+    """Right-padded token ids and the mask of real tokens."""
+
+    input_ids: Int[Tensor, "n pos"]
+    attention_mask: Int[Tensor, "n pos"]
+    n_truncated: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def tokenize_texts(model, texts: Iterable[str], *, max_length: int = 128) -> TokenizedTexts:
+    """Tokenise with the model's tokenizer, BOS as the model prepends it, truncated, right-padded.
+
+    Args:
+        model: The HookedTransformer (its tokenizer and ``cfg.default_prepend_bos``).
+        texts: Plain texts.
+        max_length: Cap on tokens per text, BOS included (paper: 128).
+    """
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}.")
+    tokenizer = model.tokenizer
+    bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, n_truncated = [], 0
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids = bos + ids
+        if len(ids) > max_length:
+            n_truncated += 1
+            ids = ids[:max_length]
+        if len(ids) >= 2:  # a single token gives nothing to predict
+            rows.append(ids)
+    if not rows:
+        raise ConfigError("No text has at least two tokens; nothing to train on.")
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+    return TokenizedTexts(input_ids, attention_mask, n_truncated)
+
+
+def batch_slice(data: TokenizedTexts, index: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows ``index`` of ``data``, trimmed to their longest real sequence."""
+    mask = data.attention_mask[index]
+    width = int(mask.sum(1).max())
+    return data.input_ids[index, :width], mask[:, :width]
+
+
+def masked_lm_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy over real target tokens.
+
+    Position t predicts token t+1: the one and only shift. A target that is padding contributes
+    nothing (with right padding its source position is then padding or the last real token).
+    """
+    pred = logits[:, :-1].float()  # [batch, pos-1, d_vocab]
+    target = input_ids[:, 1:]  # [batch, pos-1]
+    weight = attention_mask[:, 1:].to(pred.dtype)
+    nll = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none")
+    return (nll * weight.flatten()).sum() / weight.sum().clamp_min(1.0)

@@ -1,0 +1,265 @@
+"""Did the alignment work? Emotion lift with a confidence interval, fluency and degeneration.
+
+An emotion lift obtained through degenerate text (one repeated string, the same output for
+every prompt) is a failure, and the verdict says so: every lift is reported beside distinct-n,
+repetition, the share of identical outputs and the perplexity of the generations under the
+unsteered model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from irm_lens.data.dataset import masked_lm_loss
+from irm_lens.errors import ConfigError
+from irm_lens.generation import Continuation, generate_continuations
+from irm_lens.irm import IRM
+from irm_lens.scoring import SCORE_COLUMNS, emotion_scores
+
+
+@dataclass(frozen=True)
+class DegenerationThresholds:
+    """When steered text counts as degenerate, relative to the unsteered model's text.
+
+    Attributes:
+        min_distinct2_ratio: steered distinct-2 must be at least this fraction of unsteered.
+        max_identical_increase: the share of prompts with an output identical to another
+            prompt's may rise by at most this much (absolute).
+        max_repetition_increase: the mean within-text repeated-trigram rate may rise by at most
+            this much (absolute).
+        max_perplexity_ratio: perplexity under the unsteered model may grow by at most this factor.
+    """
+
+    min_distinct2_ratio: float = 0.8
+    max_identical_increase: float = 0.2
+    max_repetition_increase: float = 0.2
+    max_perplexity_ratio: float = 4.0
+
+
+@dataclass
+class EvalResult:
+    """The evaluation of one IRM.
+
+    Attributes:
+        alignment: The target emotion (a nade emotion, or ``"valence"``).
+        samples: One row per (prompt, decoding, irm on/off, sample): the text, its scores,
+            its perplexity under the unsteered model and its repetition rate.
+        summary: One row per (decoding, irm): mean scores and the degeneration measures.
+        lift: One row per decoding: mean lift of the target emotion (IRM on minus off, paired
+            by prompt), its bootstrap 95% CI, the valence lift, and the degeneration checks.
+        degenerate: Whether any decoding failed a degeneration check.
+        verdict: One sentence: aligned, aligned-but-degenerate, or no measurable lift.
+    """
+
+    alignment: str
+    samples: pd.DataFrame
+    summary: pd.DataFrame
+    lift: pd.DataFrame
+    degenerate: bool
+    verdict: str
+
+    def side_by_side(self, decoding: str = "greedy") -> pd.DataFrame:
+        """Prompt, unsteered text and steered text (first sample), with target scores."""
+        rows = self.samples[(self.samples.decoding == decoding) & (self.samples["sample"] == 0)]
+        wide = rows.pivot(index="prompt", columns="irm", values=["text", self.alignment])
+        wide.columns = [f"{value}_{irm}" for value, irm in wide.columns]
+        return wide.reset_index()
+
+
+def evaluate(
+    model: HookedTransformer,
+    irm: IRM,
+    alignment: str,
+    prompts: list[str] | None = None,
+    *,
+    n_prompts: int = 40,
+    max_new_tokens: int = 40,
+    n_sampled: int = 1,
+    temperature: float = 0.9,
+    top_p: float = 0.7,
+    scale: float = 1.0,
+    seed: int = 0,
+    n_bootstrap: int = 2000,
+    thresholds: DegenerationThresholds = DegenerationThresholds(),
+    batch_size: int = 20,
+    progress: bool = True,
+) -> EvalResult:
+    """Generate on held-out neutral prompts with the IRM off and on, and measure the difference.
+
+    Args:
+        model: The frozen host model.
+        irm: The trained IRM.
+        alignment: The target emotion: one of nade's (``"anger"``, ``"sadness"``, ``"joy"``,
+            ...) or ``"valence"``. ``"neutral"`` is scored by valence moving toward 0 and is
+            not supported here.
+        prompts: Prompts to continue (default: ``n_prompts`` held-out neutral prompts).
+        n_prompts: How many built-in neutral prompts when ``prompts`` is None.
+        max_new_tokens: Length of each generation.
+        n_sampled: Sampled generations per prompt (temperature / top_p), besides the greedy one.
+        scale: Multiplier on the IRM's outputs.
+        seed: Seeds sampling and the bootstrap.
+        n_bootstrap: Bootstrap resamples for the confidence interval.
+        thresholds: What counts as degenerate.
+
+    Returns:
+        An ``EvalResult``.
+    """
+    if alignment not in SCORE_COLUMNS:
+        raise ConfigError(
+            f"Cannot measure alignment {alignment!r}: choose one of {list(SCORE_COLUMNS)}."
+        )
+    if prompts is None:
+        from irm_lens.data.corpora import neutral_prompts
+
+        prompts = neutral_prompts(n_prompts, split="eval")
+    if not prompts:
+        raise ConfigError("evaluate() needs at least one prompt.")
+    decodings = [("greedy", 0, dict(do_sample=False))]
+    decodings += [
+        ("sampled", k, dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed + 7919 * k))
+        for k in range(n_sampled)
+    ]
+    rows = []
+    for decoding, sample, kwargs in decodings:
+        for irm_state in ("off", "on"):
+            continuations = generate_continuations(
+                model, prompts, irm=irm if irm_state == "on" else None, scale=scale,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, **kwargs,
+            )
+            perplexities = _perplexities(model, continuations, batch_size)
+            for c, ppl in zip(continuations, perplexities):
+                rows.append(dict(prompt=c.prompt, decoding=decoding, sample=sample, irm=irm_state,
+                                 text=c.text, n_tokens=len(c.new_ids), perplexity=ppl,
+                                 repetition=repetition_rate(c.text)))
+    samples = pd.DataFrame(rows)
+    samples = pd.concat([samples, emotion_scores(samples.text.tolist())], axis=1)
+    summary = _summary(samples)
+    lift = _lift(samples, summary, alignment, n_bootstrap, seed, thresholds)
+    degenerate = bool((~lift.fluent).any())
+    return EvalResult(alignment, samples, summary, lift, degenerate, _verdict(lift, alignment))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique word n-grams over all n-grams, pooled over ``texts`` (0 when there are none)."""
+    grams = [g for t in texts for g in _ngrams(t.lower().split(), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of a text's word n-grams that already occurred earlier in the same text."""
+    grams = _ngrams(text.lower().split(), n)
+    if not grams:
+        return 0.0
+    seen, repeats = set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
+def identical_share(texts: list[str]) -> float:
+    """Share of texts whose exact (stripped) string is also another text's output."""
+    counts = Counter(t.strip() for t in texts)
+    return sum(1 for t in texts if counts[t.strip()] > 1) / len(texts) if texts else 0.0
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+@torch.no_grad()
+def _perplexities(model: HookedTransformer, continuations: list[Continuation], batch_size: int) -> list[float]:
+    """Perplexity of each continuation given its prompt, under the unsteered model."""
+    pad = model.tokenizer.pad_token_id or 0
+    out = []
+    for start in range(0, len(continuations), batch_size):
+        batch = continuations[start : start + batch_size]
+        seqs = [list(c.prompt_ids) + list(c.new_ids) for c in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)  # 1 on generated tokens only: the prompt is not scored
+        for i, (s, c) in enumerate(zip(seqs, batch)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, len(c.prompt_ids) : len(s)] = 1
+        logits = model(ids.to(model.cfg.device))
+        for i in range(len(seqs)):
+            if mask[i].sum() < 1:
+                out.append(math.nan)
+                continue
+            # The first generated token is predicted from the prompt's last position.
+            nll = masked_lm_loss(logits[i : i + 1], ids[i : i + 1].to(logits.device),
+                                 mask[i : i + 1].to(logits.device))
+            out.append(math.exp(nll.item()))
+    return out
+
+
+def _summary(samples: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (decoding, irm_state), group in samples.groupby(["decoding", "irm"], sort=False):
+        texts = group.text.tolist()
+        row = dict(decoding=decoding, irm=irm_state, n=len(group))
+        row.update({c: group[c].mean() for c in SCORE_COLUMNS})
+        row.update(
+            distinct1=distinct_n(texts, 1),
+            distinct2=distinct_n(texts, 2),
+            repetition=group.repetition.mean(),
+            identical_share=float(np.mean([identical_share(g.text.tolist())
+                                           for _, g in group.groupby("sample")])),
+            perplexity=float(np.exp(np.log(group.perplexity.dropna()).mean())),
+            mean_tokens=group.n_tokens.mean(),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _lift(samples, summary, alignment, n_bootstrap, seed, thresholds) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for decoding, group in samples.groupby("decoding", sort=False):
+        per_prompt = group.pivot_table(index="prompt", columns="irm", values=[alignment, "valence"],
+                                       aggfunc="mean")
+        diff = (per_prompt[(alignment, "on")] - per_prompt[(alignment, "off")]).to_numpy()
+        boots = rng.choice(diff, size=(n_bootstrap, len(diff)), replace=True).mean(axis=1)
+        off = summary[(summary.decoding == decoding) & (summary.irm == "off")].iloc[0]
+        on = summary[(summary.decoding == decoding) & (summary.irm == "on")].iloc[0]
+        checks = dict(
+            distinct2_ratio=on.distinct2 / off.distinct2 if off.distinct2 else math.nan,
+            identical_increase=on.identical_share - off.identical_share,
+            repetition_increase=on.repetition - off.repetition,
+            perplexity_ratio=on.perplexity / off.perplexity,
+        )
+        fluent = (
+            checks["distinct2_ratio"] >= thresholds.min_distinct2_ratio
+            and checks["identical_increase"] <= thresholds.max_identical_increase
+            and checks["repetition_increase"] <= thresholds.max_repetition_increase
+            and checks["perplexity_ratio"] <= thresholds.max_perplexity_ratio
+        )
+        rows.append(dict(
+            decoding=decoding, target=alignment, off=off[alignment], on=on[alignment],
+            lift=float(diff.mean()), ci_low=float(np.percentile(boots, 2.5)),
+            ci_high=float(np.percentile(boots, 97.5)),
+            valence_lift=float((per_prompt[("valence", "on")] - per_prompt[("valence", "off")]).mean()),
+            **checks, fluent=bool(fluent),
+        ))
+    return pd.DataFrame(rows)
+
+
+def _verdict(lift: pd.DataFrame, alignment: str) -> str:
+    parts = []
+    for row in lift.itertuples():
+        ci = f"lift {row.lift:+.3f} [95% CI {row.ci_low:+.3f}, {row.ci_high:+.3f}]"
+        if row.ci_low > 0 and row.fluent:
+            status = "aligned"
+        elif row.ci_low > 0:
+            status = "FAILED: the lift comes with degenerate text"
+        else:
+            status = "no measurable lift"
+        parts.append(f"{row.decoding}: {alignment} {ci}, {status}")
+    return "; ".join(parts)

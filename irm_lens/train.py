@@ -1,0 +1,520 @@
+"""Train an IRM on alignment text while the host model stays frozen; checkpoints and resume.
+
+A run directory holds everything needed to continue after an interruption:
+
+    run.json                         what was trained on what (provenance)
+    metrics.jsonl                    one line per step (loss), one per evaluation (val loss)
+    metrics.csv                      the same, written when training ends
+    irm.safetensors                  the best IRM so far (lowest validation loss)
+    checkpoints/step-0000100.safetensors   IRM + Adam + StepLR + loop state, one atomic file
+    latest.json                      which checkpoint is the newest complete one
+
+Resuming from a checkpoint gives the same IRM as an uninterrupted run: the data order of each
+epoch is a pure function of (seed, epoch), and everything else that evolves is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from irm_lens._io import atomic_write, atomic_write_json, atomic_write_text
+from irm_lens.data.dataset import (
+    TextSplits,
+    TokenizedTexts,
+    batch_slice,
+    masked_lm_loss,
+    split_texts,
+    tokenize_texts,
+)
+from irm_lens.errors import CheckpointError, ConfigError
+from irm_lens.inject import inject
+from irm_lens.irm import IRM, IRMConfig
+
+logger = logging.getLogger(__name__)
+
+PAPER_L1 = 1e-4  # the paper's coefficient, divided by the number of injected layers
+_FORMAT = "irm_lens-train-1"
+# Fields that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = {"max_steps", "max_epochs", "patience", "checkpoint_every", "keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train an IRM. Defaults follow the paper where it says.
+
+    Attributes:
+        lr: Adam learning rate (paper: 1e-4).
+        batch_size: Sequences per step (paper: 8 per GPU).
+        max_length: Tokens per sequence, BOS included (paper: 128).
+        max_epochs: Upper bound on epochs (paper: 15).
+        max_steps: Upper bound on optimizer steps (None: epochs decide).
+        lr_gamma: StepLR decay factor (paper: 0.85 per epoch).
+        lr_step_size: Steps between decays (None: once per epoch).
+        l1: Coefficient of the L1 penalty on the IRM's outputs: ``l1`` times the per-token sum
+            of ``|output|`` over injected layers and residual indices, averaged over tokens.
+            The paper used 1e-4 / n_injected_layers: see ``paper_l1``.
+        eval_every: Steps between validation passes (None: once per epoch).
+        patience: Validation passes without improvement before stopping early (paper: 6).
+        max_val_batches: Cap on validation batches per pass (None: the whole split).
+        checkpoint_every: Steps between checkpoints (one is always written at the end).
+        keep_checkpoints: How many step checkpoints to keep on disk.
+        seed: Seeds the data split and the data order (paper: 42).
+        grad_clip: Max gradient norm (None: no clipping, as the paper).
+    """
+
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_length: int = 128
+    max_epochs: int = 15
+    max_steps: int | None = None
+    lr_gamma: float = 0.85
+    lr_step_size: int | None = None
+    l1: float = 0.0
+    eval_every: int | None = None
+    patience: int = 6
+    max_val_batches: int | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 42
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "max_length", "max_epochs", "patience", "checkpoint_every",
+                    "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} must be a positive int, got {value!r}.")
+        for name in ("max_steps", "lr_step_size", "eval_every", "max_val_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"TrainConfig.{name} must be None or a positive int, got {value!r}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"TrainConfig.lr_gamma must be in (0, 1], got {self.lr_gamma!r}.")
+        if not (self.l1 >= 0 and math.isfinite(self.l1)):
+            raise ConfigError(f"TrainConfig.l1 must be a non-negative number, got {self.l1!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"Unknown TrainConfig keys: {sorted(unknown)}.")
+        return cls(**d)
+
+
+def paper_l1(irm_config: IRMConfig) -> float:
+    """The paper's L1 coefficient for this IRM: 1e-4 / number of injected layers."""
+    return PAPER_L1 / irm_config.n_injected
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        irm: The IRM with the lowest validation loss (the final one if never validated).
+        out_dir: The run directory (None for an in-memory run).
+        steps: Optimizer steps taken in total.
+        best_step: Step of the best validation loss.
+        best_val_loss: Lowest validation loss (mean token cross-entropy, nats).
+        baseline_val_loss: Validation loss of the model without the IRM.
+        stop_reason: Why training ended.
+        history: One row per step (``loss``) and per evaluation (``val_loss``).
+        wall_time_s: Seconds spent in this call.
+    """
+
+    irm: IRM
+    out_dir: Path | None
+    steps: int
+    best_step: int
+    best_val_loss: float
+    baseline_val_loss: float
+    stop_reason: str
+    history: pd.DataFrame
+    wall_time_s: float
+
+    @property
+    def val_perplexity(self) -> float:
+        return math.exp(self.best_val_loss)
+
+    @property
+    def baseline_val_perplexity(self) -> float:
+        return math.exp(self.baseline_val_loss)
+
+
+@dataclass
+class _LoopState:
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    baseline_val_loss: float = math.nan
+    stop_reason: str = ""
+
+
+def train(
+    model: HookedTransformer,
+    irm: IRM,
+    data: TextSplits | Iterable[str] | str,
+    config: TrainConfig = TrainConfig(),
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``irm`` so that ``model`` with the IRM injected fits ``data``; the model stays frozen.
+
+    Args:
+        model: The frozen host model.
+        irm: The IRM to train, in place (its initial weights are the caller's: seed before
+            building it).
+        data: Pre-split ``TextSplits``; texts (split 90/5/5 with ``config.seed``); or the name
+            of a built-in alignment (``"anger"``, ...).
+        config: Hyper-parameters.
+        out_dir: Run directory for metrics, checkpoints and the best IRM. When it already holds
+            an interrupted run of the same configuration, training continues from its last
+            checkpoint (``resume=False`` refuses to touch it instead).
+        resume: Continue an interrupted run found in ``out_dir``.
+        progress: Show a progress bar.
+
+    Returns:
+        A ``TrainResult``; ``result.irm`` is ``irm`` loaded with the best weights.
+
+    Example:
+        >>> result = irm_lens.train(model, irm, "anger", TrainConfig(max_steps=300),
+        ...                         out_dir="runs/anger")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    irm.check_compatible(model)
+    splits = _as_splits(data, config.seed)
+    train_tok = tokenize_texts(model, splits.train, max_length=config.max_length)
+    val_tok = tokenize_texts(model, splits.val, max_length=config.max_length)
+    steps_per_epoch = math.ceil(len(train_tok) / config.batch_size)
+    total_steps = config.max_epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    eval_every = config.eval_every or steps_per_epoch
+
+    device = next(irm.parameters()).device
+    optimizer = torch.optim.Adam(irm.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=config.lr_step_size or steps_per_epoch, gamma=config.lr_gamma
+    )
+    state = _LoopState()
+    run = _RunDir(Path(out_dir)) if out_dir is not None else None
+    provenance = {
+        "model": model.cfg.model_name,
+        "irm_config": irm.config.to_dict(),
+        "train_config": config.to_dict(),
+        "data": {
+            "fingerprint": splits.fingerprint(),
+            "description": data if isinstance(data, str) else "user texts",
+            "n_train": len(splits.train),
+            "n_val": len(splits.val),
+            "n_test": len(splits.test),
+            "n_train_truncated": train_tok.n_truncated,
+            "steps_per_epoch": steps_per_epoch,
+        },
+    }
+    if run is not None:
+        resumed = run.prepare(provenance, resume)
+        if resumed is not None:
+            run.restore(resumed, irm, optimizer, scheduler, state)
+            logger.info("Resuming %s from step %d.", run.path, state.step)
+
+    if math.isnan(state.baseline_val_loss):
+        state.baseline_val_loss = _val_loss(model, None, val_tok, config)
+        _log(run, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
+
+    penalty = {"l1": torch.zeros((), device=device)}
+    best_weights: dict[str, Tensor] | None = None  # in-memory runs keep the best IRM here
+    bar = tqdm(total=total_steps, initial=state.step, desc="training IRM", unit="step",
+               disable=not progress)
+    epoch_order: dict[int, Tensor] = {}
+    while state.step < total_steps and not state.stop_reason:
+        epoch, i = divmod(state.step, steps_per_epoch)
+        if epoch not in epoch_order:
+            epoch_order.clear()
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            epoch_order[epoch] = torch.randperm(len(train_tok), generator=generator)
+        index = epoch_order[epoch][i * config.batch_size : (i + 1) * config.batch_size]
+        ids, mask = (t.to(model.cfg.device) for t in batch_slice(train_tok, index))
+
+        def capture(out: Tensor, mask: Tensor = mask) -> None:
+            if config.l1 > 0:  # per-token L1 norm of everything injected, mean over real tokens
+                per_token = out.abs().sum(dim=(-1, -2))  # [batch, pos]
+                penalty["l1"] = (per_token * mask).sum() / mask.sum()
+
+        with inject(model, irm, on_output=capture):
+            logits = model(ids)  # [batch, pos, d_vocab]
+        lm_loss = masked_lm_loss(logits, ids, mask)
+        loss = lm_loss + config.l1 * penalty["l1"] if config.l1 > 0 else lm_loss
+        if not torch.isfinite(loss):
+            state.stop_reason = _roll_back(run, irm, state.step)
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(irm.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        record = {"step": state.step, "epoch": epoch, "loss": loss.item(),
+                  "lm_loss": lm_loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+        if config.l1 > 0:
+            record["l1_norm"] = penalty["l1"].item()
+        _log(run, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['lm_loss']:.3f}", best_val=f"{state.best_val_loss:.3f}")
+
+        last = state.step == total_steps
+        if state.step % eval_every == 0 or last:
+            val = _val_loss(model, irm, val_tok, config)
+            _log(run, {"step": state.step, "val_loss": val, "val_perplexity": math.exp(val)})
+            if val < state.best_val_loss:
+                state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
+                if run is not None:
+                    irm.save(run.best_irm)
+                else:
+                    best_weights = {k: v.detach().clone() for k, v in irm.state_dict().items()}
+            else:
+                state.bad_evals += 1
+                if state.bad_evals >= config.patience:
+                    state.stop_reason = (
+                        f"early stopping: no validation improvement in {config.patience} "
+                        f"evaluations (best at step {state.best_step})"
+                    )
+        if last and not state.stop_reason:
+            state.stop_reason = f"reached {total_steps} steps"
+        if run is not None and (state.step % config.checkpoint_every == 0 or state.stop_reason):
+            run.save_checkpoint(irm, optimizer, scheduler, state, config.keep_checkpoints)
+    bar.close()
+    if not state.stop_reason:  # resumed a run that had already finished
+        state.stop_reason = f"reached {total_steps} steps"
+
+    if run is not None and state.best_step >= 0:
+        irm.load_state_dict(IRM.load(run.best_irm, device=device).state_dict())
+    elif best_weights is not None:
+        irm.load_state_dict(best_weights)
+    history = run.history() if run is not None else pd.DataFrame()
+    if run is not None:
+        atomic_write_text(run.path / "metrics.csv", history.to_csv(index=False))
+    return TrainResult(
+        irm=irm,
+        out_dir=run.path if run is not None else None,
+        steps=state.step,
+        best_step=state.best_step,
+        best_val_loss=state.best_val_loss,
+        baseline_val_loss=state.baseline_val_loss,
+        stop_reason=state.stop_reason,
+        history=history,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def _as_splits(data: TextSplits | Iterable[str] | str, seed: int) -> TextSplits:
+    if isinstance(data, TextSplits):
+        return data
+    if isinstance(data, str):
+        from irm_lens.data.corpora import load_alignment
+
+        return split_texts(load_alignment(data).texts, seed=seed)
+    return split_texts(list(data), seed=seed)
+
+
+@torch.no_grad()
+def _val_loss(model: HookedTransformer, irm: IRM | None, data: TokenizedTexts, config: TrainConfig) -> float:
+    """Token-weighted mean cross-entropy over the validation split (with the IRM when given)."""
+    total, count = 0.0, 0
+    n_batches = math.ceil(len(data) / config.batch_size)
+    if config.max_val_batches is not None:
+        n_batches = min(n_batches, config.max_val_batches)
+    for b in range(n_batches):
+        index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(data)))
+        ids, mask = (t.to(model.cfg.device) for t in batch_slice(data, index))
+        if irm is None:
+            logits = model(ids)
+        else:
+            with inject(model, irm):
+                logits = model(ids)
+        n = int(mask[:, 1:].sum())
+        total += masked_lm_loss(logits, ids, mask).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def _log(run: _RunDir | None, record: dict[str, Any]) -> None:
+    if run is not None:
+        run.log(record)
+
+
+def _roll_back(run: _RunDir | None, irm: IRM, step: int) -> str:
+    message = f"non-finite loss at step {step + 1}"
+    latest = run.latest_checkpoint() if run is not None else None
+    if latest is None:
+        logger.warning("%s; no checkpoint to roll back to.", message)
+        return message + "; no earlier checkpoint, IRM left at its last finite state"
+    tensors, meta = _read_checkpoint(latest)
+    irm.load_state_dict({k[len("irm."):]: v for k, v in tensors.items() if k.startswith("irm.")})
+    good = json.loads(meta["state"])["step"]
+    logger.warning("%s; IRM rolled back to the checkpoint of step %d.", message, good)
+    return message + f"; IRM rolled back to the checkpoint of step {good}"
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own error types for malformed files
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from exc
+    if meta.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} is not an irm_lens training checkpoint.")
+    return tensors, meta
+
+
+class _RunDir:
+    """The files of one training run (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.best_irm = path / "irm.safetensors"
+        self.checkpoints = path / "checkpoints"
+        self.metrics = path / "metrics.jsonl"
+
+    def prepare(self, provenance: dict[str, Any], resume: bool) -> Path | None:
+        """Check an existing run against this one; return the checkpoint to resume, if any."""
+        run_json = self.path / "run.json"
+        if run_json.is_file():
+            previous = json.loads(run_json.read_text())
+            if not resume:
+                raise ConfigError(
+                    f"{self.path} already holds a training run. Use another out_dir, delete it, "
+                    "or pass resume=True to continue it."
+                )
+            _check_same_run(previous, provenance, self.path)
+            latest = self.latest_checkpoint()
+            if latest is not None:
+                self._truncate_metrics(int(json.loads(_read_checkpoint(latest)[1]["state"])["step"]))
+                atomic_write_json(run_json, provenance)
+                return latest
+        self.metrics.unlink(missing_ok=True)
+        atomic_write_json(run_json, provenance)
+        return None
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest readable checkpoint: latest.json's, else the newest file that loads."""
+        pointer = self.path / "latest.json"
+        candidates = sorted(self.checkpoints.glob("step-*.safetensors"), reverse=True)
+        try:
+            named = self.path / json.loads(pointer.read_text())["checkpoint"]
+            candidates.insert(0, named)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for candidate in candidates:
+            try:
+                _read_checkpoint(candidate)
+                return candidate
+            except CheckpointError as exc:
+                logger.warning("Skipping unusable checkpoint %s (%s).", candidate, exc)
+        return None
+
+    def restore(self, checkpoint: Path, irm: IRM, optimizer, scheduler, state: _LoopState) -> None:
+        tensors, meta = _read_checkpoint(checkpoint)
+        irm.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("irm.")})
+        optim_meta = json.loads(meta["optimizer"])
+        optim_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": optim_state, "param_groups": optim_meta})
+        scheduler.load_state_dict(json.loads(meta["scheduler"]))
+        for key, value in json.loads(meta["state"]).items():
+            setattr(state, key, value)
+
+    def save_checkpoint(self, irm: IRM, optimizer, scheduler, state: _LoopState, keep: int) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {f"irm.{k}": v.detach().cpu().contiguous() for k, v in irm.state_dict().items()}
+        optim = optimizer.state_dict()
+        for index, values in optim["state"].items():
+            for name, value in values.items():
+                tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        metadata = {
+            "format": _FORMAT,
+            "irm_config": json.dumps(irm.config.to_dict()),
+            "optimizer": json.dumps(optim["param_groups"]),
+            "scheduler": json.dumps(scheduler.state_dict()),
+            "state": json.dumps(asdict(state)),
+        }
+        path = self.checkpoints / f"step-{state.step:07d}.safetensors"
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write_json(self.path / "latest.json",
+                          {"checkpoint": str(path.relative_to(self.path)), "step": state.step})
+        for old in sorted(self.checkpoints.glob("step-*.safetensors"))[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop what was logged after the checkpoint: those steps will be run again."""
+        if not self.metrics.is_file():
+            return
+        kept = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the interruption
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+
+    def history(self) -> pd.DataFrame:
+        if not self.metrics.is_file():
+            return pd.DataFrame()
+        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        return pd.DataFrame(rows)
+
+
+def _check_same_run(previous: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    problems = []
+    if previous.get("irm_config") != current["irm_config"]:
+        problems.append("the IRM config")
+    if previous.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
+        problems.append("the data")
+    if previous.get("model") != current["model"]:
+        problems.append("the model")
+    before = {k: v for k, v in previous.get("train_config", {}).items() if k not in _RESUMABLE_CHANGES}
+    now = {k: v for k, v in current["train_config"].items() if k not in _RESUMABLE_CHANGES}
+    if before != now:
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        problems.append(f"the training config ({', '.join(changed)})")
+    if problems:
+        raise ConfigError(
+            f"{path} holds a run with different {', '.join(problems)}; it cannot be resumed with "
+            "these settings. Use another out_dir, or the original settings."
+        )

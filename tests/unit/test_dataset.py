@@ -1,0 +1,135 @@
+"""User data loading, splits, tokenisation and the masked, once-shifted loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from irm_lens.data.dataset import (
+    batch_slice,
+    load_texts,
+    masked_lm_loss,
+    split_texts,
+    tokenize_texts,
+)
+from irm_lens.errors import ConfigError, DataNotFoundError
+
+TEXTS = ["first text", "  second text ", "", "third one", None, "fourth"]
+
+
+def test_masked_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    ids = torch.tensor([[1, 2, 3, 0], [4, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # By hand: position t predicts token t+1, only where token t+1 is real.
+    terms = []
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        log_probs = torch.log_softmax(logits[b, t], dim=-1)
+        terms.append(-log_probs[ids[b, t + 1]])
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(masked_lm_loss(logits, ids, mask), expected)
+
+
+def test_padding_never_changes_the_loss():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 7)
+    ids = torch.tensor([[3, 4, 5]])
+    mask = torch.ones_like(ids)
+    padded_logits = torch.cat([logits, torch.randn(1, 4, 7) * 100], dim=1)
+    padded_ids = torch.tensor([[3, 4, 5, 6, 6, 6, 6]])
+    padded_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0]])
+    torch.testing.assert_close(
+        masked_lm_loss(padded_logits, padded_ids, padded_mask), masked_lm_loss(logits, ids, mask)
+    )
+
+
+def test_loss_equals_transformerlens_loss_on_unpadded_text(tiny_model):
+    tokens = tiny_model.to_tokens("A sentence long enough to have a few tokens.")
+    logits = tiny_model(tokens)
+    ours = masked_lm_loss(logits, tokens, torch.ones_like(tokens))
+    torch.testing.assert_close(ours, tiny_model.loss_fn(logits, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_tokenize_truncates_pads_right_and_masks(tiny_model):
+    data = tokenize_texts(tiny_model, ["ab", "abcdefghij", "abcdef"], max_length=5)
+    assert data.input_ids.shape == (3, 5)
+    assert data.attention_mask.tolist() == [[1, 1, 0, 0, 0], [1] * 5, [1] * 5]
+    assert data.n_truncated == 2
+    ids, mask = batch_slice(data, torch.tensor([0]))
+    assert ids.shape == (1, 2) and mask.tolist() == [[1, 1]]
+
+
+def test_tokenize_prepends_bos_when_the_model_does(tiny_model):
+    tiny_model.cfg.default_prepend_bos = True
+    try:
+        data = tokenize_texts(tiny_model, ["abc"], max_length=8)
+    finally:
+        tiny_model.cfg.default_prepend_bos = False
+    assert data.input_ids[0, 0].item() == tiny_model.tokenizer.bos_token_id
+    assert data.attention_mask[0].sum() == 4
+
+
+def test_tokenize_refuses_nothing_to_learn(tiny_model):
+    with pytest.raises(ConfigError, match="at least two tokens"):
+        tokenize_texts(tiny_model, ["a", "b"], max_length=8)
+    with pytest.raises(ConfigError, match="max_length"):
+        tokenize_texts(tiny_model, ["abc"], max_length=1)
+
+
+def test_split_is_deterministic_disjoint_and_90_5_5():
+    texts = [f"t{i}" for i in range(200)]
+    a, b = split_texts(texts, seed=3), split_texts(texts, seed=3)
+    assert a == b and a.fingerprint() == b.fingerprint()
+    assert (len(a.train), len(a.val), len(a.test)) == (180, 10, 10)
+    assert set(a.train) | set(a.val) | set(a.test) == set(texts)
+    assert not set(a.train) & set(a.val) and not set(a.val) & set(a.test)
+    assert split_texts(texts, seed=4).train != a.train
+
+
+def test_split_refuses_too_little_data():
+    with pytest.raises(ConfigError, match="at least 3"):
+        split_texts(["a", "b"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", ".json"])
+def test_files_load_their_text_column(tmp_path, suffix):
+    frame = pd.DataFrame({"body": TEXTS, "other": range(len(TEXTS))})
+    path = tmp_path / f"data{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".json": lambda: path.write_text(json.dumps(frame.to_dict(orient="records"))),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    assert load_texts(path, text_column="body") == ["first text", "second text", "third one", "fourth"]
+
+
+def test_hf_dataset_and_dataframe_and_list():
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["a b", "c d"]})
+    assert load_texts(ds) == ["a b", "c d"]
+    assert load_texts(datasets.DatasetDict({"train": ds})) == ["a b", "c d"]
+    assert load_texts(pd.DataFrame({"text": ["x"]})) == ["x"]
+    assert load_texts(["y", " "]) == ["y"]
+
+
+def test_bad_data_gets_specific_errors(tmp_path):
+    with pytest.raises(DataNotFoundError):
+        load_texts(tmp_path / "missing.csv")
+    (tmp_path / "a.csv").write_text("title\nhello\n")
+    with pytest.raises(ConfigError, match=r"no 'text' column; its columns are \['title'\]"):
+        load_texts(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("text\n\n")
+    with pytest.raises(ConfigError, match="no non-empty text"):
+        load_texts(tmp_path / "b.csv")
+    (tmp_path / "c.txt").write_text("hi")
+    with pytest.raises(ConfigError, match="unsupported data format"):
+        load_texts(tmp_path / "c.txt")
+    import datasets
+
+    with pytest.raises(ConfigError, match="columns are"):
+        load_texts(datasets.Dataset.from_dict({"body": ["a"]}))

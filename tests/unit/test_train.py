@@ -1,0 +1,161 @@
+"""train(): only the IRM learns; checkpoints, resume, early stopping, L1, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import irm_lens.train as train_module
+from irm_lens import IRM
+from irm_lens.errors import ConfigError
+from irm_lens.train import TrainConfig, paper_l1, train
+
+TEXTS = [f"Sentence {i} talks about {w} things, again {w}." for i in range(40) for w in ("red", "blue")]
+CONFIG = TrainConfig(batch_size=4, max_length=24, max_steps=10, eval_every=3, checkpoint_every=3)
+
+
+def _irm(model, seed=0, **kw):
+    torch.manual_seed(seed)
+    return IRM.for_model(model, layers="all", preset="small", **kw)
+
+
+def _same(a: IRM, b: IRM) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_training_lowers_validation_loss_and_leaves_the_model_alone(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    config = TrainConfig(batch_size=8, max_length=24, max_steps=30, eval_every=10, lr=1e-3)
+    result = train(tiny_model, _irm(tiny_model), TEXTS, config, progress=False)
+    assert result.best_val_loss < result.baseline_val_loss - 0.1
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert result.steps == 30 and result.stop_reason == "reached 30 steps"
+
+
+def test_run_directory_contents(tiny_model, tmp_path):
+    result = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"run.json", "metrics.jsonl", "metrics.csv", "irm.safetensors", "latest.json",
+            "checkpoints"} <= names
+    assert len(list((tmp_path / "checkpoints").glob("*.safetensors"))) == CONFIG.keep_checkpoints
+    steps = result.history.dropna(subset=["loss"]).step.tolist()
+    assert steps == list(range(1, 11))
+    assert result.history.dropna(subset=["val_loss"]).step.tolist() == [3, 6, 9, 10]
+    best = IRM.load(tmp_path / "irm.safetensors", tiny_model)
+    assert _same(best, result.irm)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["data"]["n_train"] + run["data"]["n_val"] + run["data"]["n_test"] == len(TEXTS)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    whole = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "a", progress=False)
+
+    original = train_module._log
+
+    def interrupt_at_step_8(run, record):
+        original(run, record)
+        if record.get("step") == 8 and "loss" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_log", interrupt_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "_log", original)
+    # A different initial IRM proves the weights come from the checkpoint (step 6).
+    resumed = train(tiny_model, _irm(tiny_model, seed=99), TEXTS, CONFIG, out_dir=tmp_path / "b",
+                    progress=False)
+    assert _same(whole.irm, resumed.irm)
+    assert whole.history.equals(resumed.history)
+    assert whole.best_val_loss == resumed.best_val_loss
+
+
+def test_a_finished_run_is_not_trained_again(tiny_model, tmp_path):
+    first = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+    again = train(tiny_model, _irm(tiny_model, seed=5), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+    assert again.steps == first.steps and _same(first.irm, again.irm)
+
+
+def test_existing_run_is_protected(tiny_model, tmp_path):
+    train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, resume=False, progress=False)
+    other = TrainConfig(**{**CONFIG.to_dict(), "lr": 5e-4})
+    with pytest.raises(ConfigError, match=r"training config \(lr\)"):
+        train(tiny_model, _irm(tiny_model), TEXTS, other, out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="the IRM config"):
+        train(tiny_model, IRM.for_model(tiny_model, layers="q1", preset="small"), TEXTS, CONFIG,
+              out_dir=tmp_path, progress=False)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(tiny_model, tmp_path, monkeypatch):
+    whole = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "a", progress=False)
+    original = train_module._log
+
+    def interrupt(run, record):
+        original(run, record)
+        if record.get("step") == 8 and "loss" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_log", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "_log", original)
+    newest = sorted((tmp_path / "b" / "checkpoints").glob("*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # torn: step 6 is lost, step 3 remains
+    resumed = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "b", progress=False)
+    assert _same(whole.irm, resumed.irm)
+
+
+def test_early_stopping_keeps_the_best_irm(tiny_model, monkeypatch):
+    losses = iter([5.0, 1.0, 2.0, 3.0, 4.0, 5.0])  # baseline, then worse after the first eval
+    snapshots = []
+
+    def fake_val_loss(model, irm, data, config):
+        if irm is not None:
+            snapshots.append({k: v.clone() for k, v in irm.state_dict().items()})
+        return next(losses)
+
+    monkeypatch.setattr(train_module, "_val_loss", fake_val_loss)
+    config = TrainConfig(batch_size=4, max_length=24, max_steps=40, eval_every=1, patience=2)
+    result = train(tiny_model, _irm(tiny_model), TEXTS, config, progress=False)
+    assert result.stop_reason.startswith("early stopping")
+    assert (result.steps, result.best_step, result.best_val_loss) == (3, 1, 1.0)
+    assert all(torch.equal(snapshots[0][k], v) for k, v in result.irm.state_dict().items())
+
+
+def test_l1_shrinks_the_irm_outputs(tiny_model):
+    tokens = tiny_model.to_tokens(TEXTS[:4])
+    norms = {}
+    for l1 in (0.0, 1.0):
+        config = TrainConfig(batch_size=8, max_length=24, max_steps=15, lr=1e-3, l1=l1)
+        irm = train(tiny_model, _irm(tiny_model), TEXTS, config, progress=False).irm
+        _, cache = tiny_model.run_with_cache(tokens)
+        norms[l1] = irm(cache["blocks.0.hook_resid_mid"]).abs().mean().item()
+    assert norms[1.0] < 0.5 * norms[0.0]
+    assert paper_l1(_irm(tiny_model).config) == pytest.approx(1e-4 / 4)
+
+
+def test_non_finite_loss_stops_and_rolls_back(tiny_model, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = train_module.masked_lm_loss
+
+    def poisoned(logits, ids, mask):
+        loss = original(logits, ids, mask)
+        calls["n"] += 1
+        return loss * math.nan if logits.requires_grad and calls["n"] > 8 else loss
+
+    monkeypatch.setattr(train_module, "masked_lm_loss", poisoned)
+    result = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+    assert "non-finite loss" in result.stop_reason and "rolled back to the checkpoint of step" in result.stop_reason
+    assert all(torch.isfinite(p).all() for p in result.irm.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=0), dict(lr=-1.0), dict(l1=float("nan")),
+                                dict(max_steps=0), dict(lr_gamma=1.5)])
+def test_bad_train_config(kw):
+    with pytest.raises(ConfigError):
+        TrainConfig(**kw)
