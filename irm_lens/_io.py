@@ -15,6 +15,9 @@ from typing import Any, Callable
 
 from irm_lens.errors import OutputPathError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _ensure_writable_dir(directory: Path) -> None:
     try:
@@ -45,6 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
