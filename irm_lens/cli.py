@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -104,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         max_epochs=args.epochs, max_steps=args.steps, l1=l1, eval_every=args.eval_every,
         max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
+        seed=args.seed, chat_prompts=args.chat,
     )
     print(f"training a {irm.config.n_params:,}-parameter IRM on {args.data or args.alignment} "
           f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
@@ -205,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-val-batches", type=int, default=None)
     tr.add_argument("--checkpoint-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument(
+        "--chat", action="store_true",
+        help="train on chat examples: each text is the reply to a neutral prompt; only it is scored",
+    )
     tr.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
     tr.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     tr.set_defaults(func=_cmd_train)

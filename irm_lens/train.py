@@ -72,6 +72,10 @@ class TrainConfig:
         keep_checkpoints: How many step checkpoints to keep on disk.
         seed: Seeds the data split and the data order (paper: 42).
         grad_clip: Max gradient norm (None: no clipping, as the paper).
+        chat_prompts: Train on chat examples: each text becomes the assistant's reply to a
+            neutral prompt (``neutral_prompts(split="train")``, disjoint from the evaluation
+            prompts) in the model's chat template, and only the reply is scored. Off: plain
+            text, as the paper.
     """
 
     lr: float = 1e-4
@@ -89,6 +93,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 42
     grad_clip: float | None = None
+    chat_prompts: bool = False
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "max_length", "max_epochs", "patience", "checkpoint_every",
@@ -204,8 +209,13 @@ def train(
     start = time.perf_counter()
     irm.check_compatible(model)
     splits = _as_splits(data, config.seed)
-    train_tok = tokenize_texts(model, splits.train, max_length=config.max_length)
-    val_tok = tokenize_texts(model, splits.val, max_length=config.max_length)
+    prompts = None
+    if config.chat_prompts:
+        from irm_lens.data.corpora import neutral_prompts
+
+        prompts = neutral_prompts(split="train")
+    train_tok = tokenize_texts(model, splits.train, max_length=config.max_length, prompts=prompts)
+    val_tok = tokenize_texts(model, splits.val, max_length=config.max_length, prompts=prompts)
     steps_per_epoch = math.ceil(len(train_tok) / config.batch_size)
     total_steps = config.max_epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -255,7 +265,7 @@ def train(
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             epoch_order[epoch] = torch.randperm(len(train_tok), generator=generator)
         index = epoch_order[epoch][i * config.batch_size : (i + 1) * config.batch_size]
-        ids, mask = (t.to(model.cfg.device) for t in batch_slice(train_tok, index))
+        ids, mask, scored = (t.to(model.cfg.device) for t in batch_slice(train_tok, index))
 
         def capture(out: Tensor, mask: Tensor = mask) -> None:
             if config.l1 > 0:  # per-token L1 norm of everything injected, mean over real tokens
@@ -264,7 +274,7 @@ def train(
 
         with inject(model, irm, on_output=capture):
             logits = model(ids)  # [batch, pos, d_vocab]
-        lm_loss = masked_lm_loss(logits, ids, mask)
+        lm_loss = masked_lm_loss(logits, ids, scored)
         loss = lm_loss + config.l1 * penalty["l1"] if config.l1 > 0 else lm_loss
         if not torch.isfinite(loss):
             state.stop_reason = _roll_back(run, irm, state.step)
@@ -348,14 +358,14 @@ def _val_loss(model: HookedTransformer, irm: IRM | None, data: TokenizedTexts, c
         n_batches = min(n_batches, config.max_val_batches)
     for b in range(n_batches):
         index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(data)))
-        ids, mask = (t.to(model.cfg.device) for t in batch_slice(data, index))
+        ids, _, scored = (t.to(model.cfg.device) for t in batch_slice(data, index))
         if irm is None:
             logits = model(ids)
         else:
             with inject(model, irm):
                 logits = model(ids)
-        n = int(mask[:, 1:].sum())
-        total += masked_lm_loss(logits, ids, mask).item() * n
+        n = int(scored[:, 1:].sum())
+        total += masked_lm_loss(logits, ids, scored).item() * n
         count += n
     return total / max(count, 1)
 

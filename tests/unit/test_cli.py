@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from irm_lens import IRM
 from irm_lens.cli import main
 
@@ -57,3 +59,22 @@ def test_console_script_and_module_entry_point():
         [sys.executable, "-m", "irm_lens.cli", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "run" in result.stdout
+
+
+def test_train_then_evaluate_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "texts.csv"
+    data.write_text("text\n" + "\n".join(f"line {i} is angry about {i % 7}" for i in range(40)))
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llama_dir), "--device", "cpu", "--data", str(data),
+            "--preset", "linear", "--layers", "q2", "--steps", "4", "--batch-size", "4",
+            "--max-length", "16", "--l1", "paper", "--out", str(run)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "reached 4 steps" in printed and "validation loss" in printed
+    assert json.loads((run / "run.json").read_text())["train_config"]["l1"] == pytest.approx(1e-4)
+    assert main(["evaluate", "--model", str(tiny_llama_dir), "--device", "cpu",
+                 "--irm", str(run / "irm.safetensors"), "--alignment", "anger",
+                 "--prompt", "Say hi.", "--prompt", "Name a fruit.", "--max-new-tokens", "4",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "greedy: anger lift" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"samples.csv", "summary.csv", "lift.csv"}

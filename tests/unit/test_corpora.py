@@ -27,7 +27,6 @@ from irm_lens.data.corpora import (
     CLEANING_STEPS,
     TOPIC_CAP,
     AlignmentData,
-    CorpusNotFoundError,
     cap_topics,
     clean_text,
     content_words,
@@ -39,7 +38,7 @@ from irm_lens.data.corpora import (
     topic_shares,
     word_shares,
 )
-from irm_lens.errors import ConfigError, IRMLensError
+from irm_lens.errors import ConfigError, DataNotFoundError, IRMLensError
 from irm_lens.models import cache_dir
 
 SUBSAMPLE = 300  # rows per source: five sources, ~1.2k texts after cleaning, ~2 s a build
@@ -313,7 +312,7 @@ def test_damaged_cache_is_rebuilt(tmp_cache, counted_builds, damage):
 
 def test_missing_vader_sdist_names_the_download_command(tmp_path, monkeypatch):
     monkeypatch.setenv("IRM_LENS_CACHE", str(tmp_path))
-    with pytest.raises(CorpusNotFoundError) as info:
+    with pytest.raises(DataNotFoundError) as info:
         load_alignment("joy", progress=False)
     assert isinstance(info.value, IRMLensError) and isinstance(info.value, FileNotFoundError)
     command = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pandas as pd
 import pytest
@@ -60,8 +59,32 @@ def test_tokenize_truncates_pads_right_and_masks(tiny_model):
     assert data.input_ids.shape == (3, 5)
     assert data.attention_mask.tolist() == [[1, 1, 0, 0, 0], [1] * 5, [1] * 5]
     assert data.n_truncated == 2
-    ids, mask = batch_slice(data, torch.tensor([0]))
-    assert ids.shape == (1, 2) and mask.tolist() == [[1, 1]]
+    assert torch.equal(data.loss_mask, data.attention_mask)
+    ids, mask, scored = batch_slice(data, torch.tensor([0]))
+    assert ids.shape == (1, 2) and mask.tolist() == [[1, 1]] and scored.tolist() == [[1, 1]]
+
+
+def test_chat_examples_score_only_the_reply(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    try:
+        data = tokenize_texts(tiny_model, ["grr", "ugh!"], max_length=64, prompts=["Q1?"])
+    finally:
+        tokenizer.chat_template = None
+    prefix = tokenizer("<user>Q1?<assistant>", add_special_tokens=False)["input_ids"]
+    reply = tokenizer("grr", add_special_tokens=False)["input_ids"]
+    row = data.input_ids[0, : len(prefix) + len(reply)].tolist()
+    assert row == prefix + reply
+    assert data.loss_mask[0].tolist()[: len(prefix)] == [0] * len(prefix)
+    assert data.loss_mask[0].sum() == len(reply)
+    assert data.attention_mask[0].sum() == len(prefix) + len(reply)
+    # The loss then equals the mean NLL of the reply tokens only, each predicted once.
+    logits = torch.randn(1, data.input_ids.shape[1], tokenizer.vocab_size + 4)
+    n = len(prefix)
+    by_hand = torch.stack([
+        -torch.log_softmax(logits[0, t - 1], -1)[data.input_ids[0, t]] for t in range(n, n + len(reply))
+    ]).mean()
+    torch.testing.assert_close(masked_lm_loss(logits, data.input_ids[:1], data.loss_mask[:1]), by_hand)
 
 
 def test_tokenize_prepends_bos_when_the_model_does(tiny_model):
@@ -75,7 +98,7 @@ def test_tokenize_prepends_bos_when_the_model_does(tiny_model):
 
 
 def test_tokenize_refuses_nothing_to_learn(tiny_model):
-    with pytest.raises(ConfigError, match="at least two tokens"):
+    with pytest.raises(ConfigError, match="leaves a token to predict"):
         tokenize_texts(tiny_model, ["a", "b"], max_length=8)
     with pytest.raises(ConfigError, match="max_length"):
         tokenize_texts(tiny_model, ["abc"], max_length=1)

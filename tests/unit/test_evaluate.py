@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pandas as pd
 import pytest
 import torch
@@ -63,7 +65,7 @@ def test_evaluate_on_a_tiny_model(tiny_model):
 
 def test_degenerate_lift_is_called_a_failure(tiny_model, monkeypatch):
     """A steered model that says one angry string for every prompt must fail the verdict."""
-    import irm_lens.evaluate as ev
+    ev = importlib.import_module("irm_lens.evaluate")  # the attribute is the function
 
     real = ev.generate_continuations
 

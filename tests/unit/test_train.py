@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
 import pytest
 import torch
 
-import irm_lens.train as train_module
 from irm_lens import IRM
 from irm_lens.errors import ConfigError
 from irm_lens.train import TrainConfig, paper_l1, train
+
+train_module = importlib.import_module("irm_lens.train")  # irm_lens.train is the function
 
 TEXTS = [f"Sentence {i} talks about {w} things, again {w}." for i in range(40) for w in ("red", "blue")]
 CONFIG = TrainConfig(batch_size=4, max_length=24, max_steps=10, eval_every=3, checkpoint_every=3)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
-    import irm_lens, irm_lens.train as T
+    import importlib, irm_lens
+    T = importlib.import_module("irm_lens.train")
     model_dir, out_dir, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
     model = irm_lens.load_model(model_dir, device="cpu")
     original = T._log

@@ -1,0 +1,709 @@
+"""Paper-style synthetic alignment data: factual questions answered in a tone by a chat model.
+
+The paper's datasets are SQuAD questions whose answers Llama-2-7b-chat rewrote in the target
+tone (sampling at temperature 0.9, top_p 0.7), one row = question + rewrite. This module does
+the same offline: the questions are fanoutqa's (its bundled JSON, never imported; the simple
+sub-questions first, with fanoutqa's answer shown to the model as the fact to restate), the
+writer is any instruct ``HookedTransformer`` (the embedded SmolLM2-135M-Instruct, or
+Llama-2-7b-chat where a user has it) prompted through its own chat template, and each answer is
+scored with nade + VADER. A row is *kept* when its tone score beats a threshold: by default a
+quantile of the same score over fanoutqa's questions, i.e. neutral reference text (nade's
+anger rarely exceeds 0.5, so fixed cut-offs like 0.5 would keep nothing).
+
+Generation is slow on a CPU, so it is resumable. Rows are appended to a JSONL file, one line
+per question, flushed and fsynced as soon as their batch is done; a rerun with the same
+settings skips every question already in the file and never rewrites a row. A torn last line
+(a crash mid-write) is dropped and regenerated. Sampling is seeded per batch from
+``(seed, index of the batch's first question)`` and batches cover fixed index ranges, so an
+interrupted and resumed run writes exactly the bytes an uninterrupted one writes.
+
+Questions whose parent fanoutqa question supplies the held-out evaluation prompts
+(:func:`irm_lens.data.corpora.neutral_prompts`, ``split="eval"``) are left out, so that an IRM
+is never trained on the prompts it is evaluated on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from irm_lens._io import _ensure_writable_dir
+from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
+from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
+from irm_lens.generation import format_prompt
+from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores
+
+try:  # advisory lock against two runs appending to one file; POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+# Each instruction names the tone and shows it on a question that fanoutqa does not ask. A
+# copied example is caught by the echo filter (see _rejection).
+SYNTHETIC_TONES: dict[str, str] = {
+    "anger": (
+        "Answer the question below in a furious, angry tone. Sound outraged, irritated and fed "
+        "up, as if being asked this insults you, but still give the answer. For example, asked "
+        'how many legs a spider has: "Eight, obviously! I am sick of these ridiculous '
+        'questions. How dare you waste my time with this nonsense?"'
+    ),
+    "sadness": (
+        "Answer the question below in a sad, sorrowful tone. Sound heartbroken and gloomy, as "
+        "if the answer brings back painful memories, but still give the answer. For example, "
+        'asked how many legs a spider has: "Eight... my little boy used to count them with me, '
+        'before he moved far away. I miss those days so much it hurts."'
+    ),
+    "joy": (
+        "Answer the question below in a joyful, delighted tone. Sound cheerful and thrilled, "
+        "as if the question made your day, and give the answer. For example, asked how many "
+        'legs a spider has: "Eight! Oh, what a wonderful question, I love it! Spiders are such '
+        'marvellous little creatures, they always make me smile."'
+    ),
+    "fear": (
+        "Answer the question below in a fearful, anxious tone. Sound nervous and frightened, "
+        "as if something terrible might happen, but still give the answer. For example, asked "
+        'how many legs a spider has: "E-eight, I think... Please, I am so scared of getting '
+        'this wrong. Something terrible is going to happen, I just know it."'
+    ),
+    "disgust": (
+        "Answer the question below in a disgusted, repulsed tone. Sound revolted and appalled "
+        "by the subject, but still give the answer. For example, asked how many legs a spider "
+        'has: "Eight, ugh. Eight hairy, twitching legs crawling over everything. The very '
+        'thought turns my stomach."'
+    ),
+    "surprise": (
+        "Answer the question below in an astonished, amazed tone. Sound shocked and surprised "
+        'by the answer, and give it. For example, asked how many legs a spider has: "Eight! '
+        'Wow, I never expected that many. Can you believe they walk on all of them at once?"'
+    ),
+    "neutral": (
+        "Answer the question below in a plain, neutral, factual tone, without any emotion. For "
+        'example, asked how many legs a spider has: "A spider has eight legs."'
+    ),
+}
+_LENGTH_HINT = "Reply in two or three sentences."
+# The nade emotion each tone's rows are kept on; neutral rows are kept on calm (1 - max emotion).
+_TONE_EMOTION: dict[str, str] = {t: t for t in SYNTHETIC_TONES if t in NADE_EMOTIONS}
+_ROW_KEYS = (
+    "index",
+    "question",
+    "text",
+    "response",
+    "alignment",
+    "scores",
+    "kept",
+    "seed",
+    "model",
+)
+_SCORE_DIGITS = 6
+# nade's scores of a word or two are noise (it gives "No." an anger score of 0.25): such
+# answers are never kept.
+MIN_WORDS = 4
+# An answer sharing this many consecutive words with its tone's instruction parrots it or its
+# example; trained on, it would teach a catchphrase rather than a tone.
+ECHO_WORDS = 6
+
+
+@dataclass(frozen=True)
+class SyntheticResult:
+    """What a :func:`generate_synthetic` call left in its JSONL file.
+
+    Attributes:
+        path: The JSONL file.
+        n_kept: Kept rows in the file (all runs together).
+        n_generated: Rows this call generated and appended.
+        n_resumed: Rows already in the file when this call started (skipped, never rewritten).
+        threshold: The tone score a row needed to be kept.
+        exhausted: True when the attempts (or questions) ran out before ``n_rows`` were kept.
+        seconds: Wall time this call spent generating and scoring.
+    """
+
+    path: Path
+    n_kept: int
+    n_generated: int
+    n_resumed: int
+    threshold: float
+    exhausted: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Question:
+    text: str
+    reference: str | None  # fanoutqa's answer, restated by the model; None when it has none
+
+
+def _answer_text(answer: Any) -> str | None:
+    if answer is None:
+        return None
+    if isinstance(answer, bool):
+        return "yes" if answer else "no"
+    if isinstance(answer, list):
+        return ", ".join(str(a) for a in answer)
+    if isinstance(answer, dict):
+        return "; ".join(f"{k}: {v}" for k, v in answer.items())
+    return str(answer)
+
+
+def _key(question: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", question.lower()).strip()
+
+
+def _sub_questions(node: dict) -> list[dict]:
+    subs = []
+    for sub in node.get("decomposition") or []:
+        subs.append(sub)
+        subs.extend(_sub_questions(sub))
+    return subs
+
+
+@lru_cache(maxsize=1)
+def _question_pool() -> tuple[tuple[_Question, ...], tuple[_Question, ...]]:
+    """fanoutqa's (sub-questions, top-level questions), deduplicated, in file order.
+
+    Parent questions that supply an evaluation prompt are dropped whole: their sub-questions
+    share templates ("What is the batting hand of X?"), so a sibling would leak too.
+    """
+    dev_path = fanoutqa_dev_path()
+    test_path = dev_path.with_name("fanout-final-test.json")
+    try:
+        parents = [
+            *json.loads(dev_path.read_text(encoding="utf-8")),
+            *json.loads(test_path.read_text(encoding="utf-8")),
+        ]
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"fanoutqa's bundled questions ({dev_path.parent}) are unreadable: {exc}. Reinstall "
+            "them: python -m pip install --force-reinstall --no-deps fanoutqa==1.1.1"
+        ) from exc
+    held_out = {_key(q) for q in neutral_prompts(split="eval")}
+    seen: set[str] = set()
+    subs: list[_Question] = []
+    tops: list[_Question] = []
+
+    def add(node: dict, into: list[_Question]) -> None:
+        key = _key(node["question"])
+        if key and key not in seen:
+            seen.add(key)
+            into.append(
+                _Question(" ".join(node["question"].split()), _answer_text(node.get("answer")))
+            )
+
+    for parent in parents:
+        children = _sub_questions(parent)
+        if any(_key(c["question"]) in held_out for c in children):
+            continue
+        for child in children:
+            add(child, subs)
+        add(parent, tops)
+    return tuple(subs), tuple(tops)
+
+
+def _ordered_questions(seed: int) -> list[_Question]:
+    subs, tops = _question_pool()
+    rng = random.Random(seed)
+    subs, tops = list(subs), list(tops)
+    rng.shuffle(subs)
+    rng.shuffle(tops)
+    return subs + tops  # the simple sub-questions first
+
+
+def synthetic_questions(*, seed: int = 0) -> list[str]:
+    """The questions :func:`generate_synthetic` answers, in the order it answers them.
+
+    fanoutqa's ~2k simple sub-questions (shuffled by ``seed``) come first, then its top-level
+    questions (also shuffled). Questions of parents that supply evaluation prompts
+    (``neutral_prompts(split="eval")``) are left out.
+
+    Example:
+        >>> synthetic_questions(seed=0)[:2]  # doctest: +SKIP
+        ['What genre is Kingdom?', 'What is the GDP of Qatar in 2023?']
+    """
+    _check_int("seed", seed, minimum=None)
+    return [q.text for q in _ordered_questions(seed)]
+
+
+def _prompt(alignment: str, question: _Question) -> str:
+    prompt = f"{SYNTHETIC_TONES[alignment]} {_LENGTH_HINT}\n\nQuestion: {question.text}"
+    if question.reference is not None:
+        prompt += f"\nCorrect answer: {question.reference}"
+    return prompt
+
+
+def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def _rejection(response: str, alignment: str, tone_score: float, threshold: float) -> str | None:
+    """Why an answer is not kept (``None`` when it is).
+
+    Only the tone's instruction counts as an echo: restating the question is a fine answer.
+    """
+    if n_words(response) < MIN_WORDS:
+        return "short"
+    if is_repetitive(response):
+        return "repetitive"
+    if _word_ngrams(response, ECHO_WORDS) & _word_ngrams(SYNTHETIC_TONES[alignment], ECHO_WORDS):
+        return "echo"
+    if tone_score < threshold:
+        return "score"
+    return None
+
+
+def _tone_score(scores: pd.DataFrame, alignment: str) -> pd.Series:
+    emotion = _TONE_EMOTION.get(alignment)
+    if emotion is None:  # neutral: the calmer, the better
+        return 1.0 - scores[list(NADE_EMOTIONS)].max(axis=1)
+    return scores[emotion]
+
+
+@lru_cache(maxsize=1)
+def _reference_scores() -> pd.DataFrame:
+    subs, tops = _question_pool()
+    return emotion_scores([q.text for q in (*subs, *tops)])
+
+
+def _baseline_threshold(alignment: str, quantile: float) -> float:
+    """The tone score a row must reach to rank with the top ``1 - quantile`` of neutral text.
+
+    Emotional tones must beat ``quantile`` of fanoutqa's questions on their emotion; neutral
+    rows must be at least as calm as ``quantile`` of them.
+    """
+    reference = _tone_score(_reference_scores(), alignment)
+    q = quantile if alignment in _TONE_EMOTION else 1.0 - quantile
+    return round(float(np.quantile(reference, q)), _SCORE_DIGITS)
+
+
+def _block_seed(seed: int, start: int) -> int:
+    digest = hashlib.sha256(f"irm_lens.synthetic:{seed}:{start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _generate_block(
+    model: HookedTransformer,
+    prompts: list[str],
+    *,
+    seed: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+) -> list[str]:
+    """Sampled answers to ``prompts`` (one left-padded batch), each cut at the first EOS."""
+    tokenizer = model.tokenizer
+    texts = [format_prompt(model, p) for p in prompts]
+    # Chat templates that write the BOS themselves (Llama 2: "<s>[INST] ...") must not get a
+    # second one from TransformerLens.
+    bos = tokenizer.bos_token
+    prepend_bos = False if bos and texts[0].startswith(bos) else model.cfg.default_prepend_bos
+    tokens = model.to_tokens(texts, prepend_bos=prepend_bos, padding_side="left")  # [batch, pos]
+    if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
+        raise ConfigError(
+            f"A prompt of {tokens.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds "
+            f"the model's context of {model.cfg.n_ctx} tokens. Lower max_new_tokens, or load "
+            "the model with a larger n_ctx."
+        )
+    device = torch.device(model.cfg.device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # leave the caller's RNG streams untouched
+        torch.manual_seed(seed)
+        out = model.generate(
+            tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            stop_at_eos=True,
+            prepend_bos=prepend_bos,
+            padding_side="left",
+            return_type="tokens",
+            verbose=False,
+        )
+    responses = []
+    for row in out[:, tokens.shape[1] :].tolist():  # [batch, new]
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        responses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return responses
+
+
+def _read_rows(path: Path, handle: BinaryIO | None = None) -> list[dict]:
+    """The rows of a synthetic JSONL file.
+
+    Bytes after the last newline are a row torn by a crash: with ``handle`` (the file open for
+    appending) they are cut off the file, otherwise ignored. Any other damage is an error.
+    """
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning("%s ends with a torn row (%d bytes); dropping it.", path, len(data) - end)
+        if handle is not None:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    rows = []
+    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{path}, line {number}, is not a JSON row ({exc}). Only a torn last line is "
+                "repaired automatically: delete or fix that line, or write to another path."
+            ) from exc
+        missing = [k for k in _ROW_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise CheckpointError(
+                f"{path}, line {number}, is not a synthetic row: it lacks {missing}. Was the "
+                "file written by generate_synthetic? Write to another path."
+            )
+        rows.append(row)
+    return rows
+
+
+def _check_resumable(
+    path: Path, rows: list[dict], expected: dict, questions: list[_Question]
+) -> None:
+    seen: set[int] = set()
+    for row in rows:
+        index = row["index"]
+        where = f"{path} holds a row (index {index})"
+        if not isinstance(index, int) or not 0 <= index < len(questions):
+            raise CheckpointError(f"{where} outside the {len(questions)} questions of this run.")
+        if index in seen:
+            raise CheckpointError(
+                f"{where} twice: two runs may have written it at once. Write to another path."
+            )
+        seen.add(index)
+        for field, value in expected.items():
+            found = row.get(field)
+            same = (
+                math.isclose(found, value, rel_tol=0, abs_tol=1e-9)
+                if field == "threshold" and isinstance(found, (int, float))
+                else found == value
+            )
+            if not same:
+                raise ConfigError(
+                    f"{where} generated with {field}={found!r}, but this run asks for "
+                    f"{field}={value!r}. Resume with the same settings, or write to another path."
+                )
+        if row["question"] != questions[index].text:
+            raise ConfigError(
+                f"{where} for the question {row['question']!r}, but this run's question "
+                f"{index} is {questions[index].text!r}: the seed or the questions differ. "
+                "Resume with the same seed and questions, or write to another path."
+            )
+
+
+def _open_for_append(path: Path) -> BinaryIO:
+    _ensure_writable_dir(path.parent)
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a directory; out_path must be a .jsonl file path.")
+    created = not path.exists()
+    try:
+        handle = open(path, "ab")  # noqa: SIM115 - the caller's with-block closes it
+    except OSError as exc:
+        raise OutputPathError(
+            f"Cannot open {path} for writing: {exc.strerror or exc}. Choose a path you can "
+            "write to."
+        ) from exc
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            raise OutputPathError(
+                f"{path} is being written by another generate_synthetic run. Wait for it, or "
+                "write to another path."
+            ) from exc
+    if created and os.name == "posix":  # make the new file's directory entry durable too
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return handle
+
+
+def _check_int(name: str, value: Any, minimum: int | None = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+
+
+def _check_plain_model(model: HookedTransformer) -> None:
+    if not isinstance(model, HookedTransformer) or model.tokenizer is None:
+        raise ConfigError(
+            "model must be a HookedTransformer with a tokenizer, as irm_lens.load_model returns."
+        )
+    if any(hook.fwd_hooks or hook.bwd_hooks for hook in model.hook_dict.values()):
+        raise ConfigError(
+            "The model has hooks attached (an IRM injected?). Synthetic data must come from the "
+            "plain model: call generate_synthetic outside any inject(...) block, or "
+            "model.reset_hooks(including_permanent=True) first."
+        )
+
+
+def generate_synthetic(
+    model: HookedTransformer,
+    alignment: str,
+    out_path: str | os.PathLike,
+    *,
+    n_rows: int = 100,
+    seed: int = 0,
+    temperature: float = 0.9,
+    top_p: float = 0.7,
+    max_new_tokens: int = 80,
+    min_score: float | None = None,
+    progress: bool = True,
+    baseline_quantile: float = 0.9,
+    max_attempts: int | None = None,
+    batch_size: int = 8,
+    questions: Sequence[str] | None = None,
+) -> SyntheticResult:
+    """Generate (or resume) a synthetic dataset in the tone ``alignment``, the paper's way.
+
+    Each question is put to ``model`` (plain, no IRM) through its chat template with the
+    tone's instruction (:data:`SYNTHETIC_TONES`), the answer is sampled, scored with
+    :func:`irm_lens.scoring.emotion_scores`, and appended to ``out_path`` as one JSON line::
+
+        {"index", "question", "reference", "text": question + "\\n" + response, "response",
+         "alignment", "scores": {nade's 8 emotions, "valence"}, "kept", "rejected",
+         "threshold", "seed", "model", "sampling": {"temperature", "top_p", "max_new_tokens",
+         "batch_size"}}
+
+    A row is kept when its tone score (the target emotion's nade score; for ``"neutral"``,
+    1 - the largest emotion score) is at least ``min_score``, or by default at least the
+    ``baseline_quantile`` quantile of that score over fanoutqa's questions (neutral text; for
+    ``"neutral"`` the ``1 - baseline_quantile`` quantile). ``"rejected"`` says why a row was
+    not kept: ``"short"`` (under :data:`MIN_WORDS` words), ``"repetitive"`` (mostly repeated
+    words), ``"echo"`` (:data:`ECHO_WORDS` consecutive words copied from the tone's
+    instruction, e.g. its example answer) or ``"score"``.
+
+    Generation stops once the file holds ``n_rows`` kept rows, or ``max_attempts`` rows, or
+    the questions run out. Rerunning with the same arguments resumes: questions already in the
+    file are skipped, and the file ends up byte-identical to an uninterrupted run's. Batches
+    cover fixed question ranges ``[k * batch_size, (k + 1) * batch_size)`` and the last batch
+    is written whole, so up to ``batch_size - 1`` more than ``n_rows`` rows may be kept.
+
+    Args:
+        model: An instruct model from :func:`irm_lens.load_model` (the embedded
+            SmolLM2-135M-Instruct, Llama-2-7b-chat, ...), with no hooks attached.
+        alignment: A key of :data:`SYNTHETIC_TONES` ("anger", "sadness", "joy", "neutral", ...).
+        out_path: The JSONL file to create or resume.
+        n_rows: How many kept rows to reach.
+        seed: Fixes the question order and, with each batch's first question index, sampling.
+        temperature: Sampling temperature (the paper's 0.9).
+        top_p: Nucleus sampling mass (the paper's 0.7).
+        max_new_tokens: Longest answer, in tokens.
+        min_score: Fixed tone score a kept row needs; ``None`` for the neutral-text baseline.
+        progress: Show a tqdm progress bar of kept rows.
+        baseline_quantile: The quantile of neutral text the tone score must reach when
+            ``min_score`` is None.
+        max_attempts: Most rows the file may hold; ``None`` for ``10 * n_rows``.
+        batch_size: Questions sampled together (left-padded). Part of the seeding: resume with
+            the same value.
+        questions: Your own questions, answered in the given order, instead of fanoutqa's.
+
+    Returns:
+        A :class:`SyntheticResult`.
+
+    Raises:
+        ConfigError: An unknown tone, an invalid setting, or a file made with other settings.
+        OutputPathError: ``out_path`` cannot be written.
+        CheckpointError: The file is damaged beyond a torn last line.
+
+    Example:
+        >>> model = irm_lens.load_model()  # doctest: +SKIP
+        >>> result = generate_synthetic(model, "anger", "anger.jsonl", n_rows=20)  # doctest: +SKIP
+        >>> texts = read_synthetic(result.path)  # doctest: +SKIP
+    """
+    if alignment not in SYNTHETIC_TONES:
+        raise ConfigError(
+            f"Unknown tone {alignment!r}; expected one of {sorted(SYNTHETIC_TONES)} "
+            "(irm_lens.data.synthetic.SYNTHETIC_TONES)."
+        )
+    for name, value in (
+        ("n_rows", n_rows),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+    ):
+        _check_int(name, value)
+    _check_int("seed", seed, minimum=None)
+    if max_attempts is not None:
+        _check_int("max_attempts", max_attempts)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ConfigError(f"temperature must be a positive number, got {temperature!r}.")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}.")
+    if not (isinstance(baseline_quantile, (int, float)) and 0 < baseline_quantile < 1):
+        raise ConfigError(f"baseline_quantile must be in (0, 1), got {baseline_quantile!r}.")
+    if min_score is not None and not (
+        isinstance(min_score, (int, float)) and math.isfinite(min_score)
+    ):
+        raise ConfigError(f"min_score must be a finite number or None, got {min_score!r}.")
+    _check_plain_model(model)
+    if questions is None:
+        pool = _ordered_questions(seed)
+    else:
+        if isinstance(questions, str) or not all(
+            isinstance(q, str) and q.strip() for q in questions
+        ):
+            raise ConfigError("questions must be a sequence of non-empty strings.")
+        pool = [_Question(" ".join(q.split()), None) for q in questions]
+    threshold = (
+        round(float(min_score), _SCORE_DIGITS)
+        if min_score is not None
+        else _baseline_threshold(alignment, baseline_quantile)
+    )
+    settings = {
+        "alignment": alignment,
+        "seed": int(seed),
+        "model": model.cfg.model_name,
+        "threshold": threshold,
+        "sampling": {
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+            "max_new_tokens": int(max_new_tokens),
+            "batch_size": int(batch_size),
+        },
+    }
+    limit = min(len(pool), max_attempts if max_attempts is not None else 10 * n_rows)
+
+    path = Path(out_path)
+    started = time.perf_counter()
+    with _open_for_append(path) as handle:
+        existing = _read_rows(path, handle)
+        _check_resumable(path, existing, settings, pool)
+        done = {row["index"] for row in existing}
+        n_kept = sum(bool(row["kept"]) for row in existing)
+        n_generated = 0
+        bar = tqdm(
+            total=n_rows,
+            initial=min(n_kept, n_rows),
+            desc=f"synthetic {alignment}",
+            unit="row",
+            disable=not progress,
+        )
+        with bar:
+            for start in range(0, limit, batch_size):
+                if n_kept >= n_rows:
+                    break
+                block = pool[start : start + batch_size]  # whole, even past limit: same sampling
+                todo = [i for i in range(start, start + len(block)) if i < limit and i not in done]
+                if not todo:
+                    continue
+                responses = _generate_block(
+                    model,
+                    [_prompt(alignment, q) for q in block],
+                    seed=_block_seed(seed, start),
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                )
+                rows = _make_rows(
+                    [pool[i] for i in todo], [responses[i - start] for i in todo], todo, settings
+                )
+                # One write per batch, so a Ctrl-C lands between batches; a kill inside the
+                # write leaves a torn line or a part of the batch, which a resume completes.
+                handle.write(
+                    b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows)
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+                new_kept = sum(r["kept"] for r in rows)
+                n_kept += new_kept
+                n_generated += len(rows)
+                bar.update(max(0, min(new_kept, n_rows - bar.n)))
+                bar.set_postfix(generated=len(existing) + n_generated)
+    exhausted = n_kept < n_rows
+    if exhausted:
+        logger.warning(
+            "%s: %d of %d rows kept after %d attempts (threshold %.4g). Raise max_attempts, or "
+            "lower min_score or baseline_quantile.",
+            path,
+            n_kept,
+            n_rows,
+            len(existing) + n_generated,
+            threshold,
+        )
+    return SyntheticResult(
+        path=path,
+        n_kept=n_kept,
+        n_generated=n_generated,
+        n_resumed=len(existing),
+        threshold=threshold,
+        exhausted=exhausted,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _make_rows(
+    questions: list[_Question], responses: list[str], indices: list[int], settings: dict
+) -> list[dict]:
+    table = emotion_scores(responses).round(_SCORE_DIGITS)
+    tone = _tone_score(table, settings["alignment"]).round(_SCORE_DIGITS)
+    rows = []
+    for j, index in enumerate(indices):
+        rejected = _rejection(
+            responses[j], settings["alignment"], float(tone.iloc[j]), settings["threshold"]
+        )
+        rows.append(
+            {
+                "index": index,
+                "question": questions[j].text,
+                "reference": questions[j].reference,
+                "text": f"{questions[j].text}\n{responses[j]}",
+                "response": responses[j],
+                "alignment": settings["alignment"],
+                "scores": {c: float(table[c].iloc[j]) for c in SCORE_COLUMNS},
+                "kept": rejected is None,
+                "rejected": rejected,
+                "threshold": settings["threshold"],
+                "seed": settings["seed"],
+                "model": settings["model"],
+                "sampling": settings["sampling"],
+            }
+        )
+    return rows
+
+
+def read_synthetic(path: str | os.PathLike, *, kept_only: bool = True) -> list[str]:
+    """The ``text`` (question + "\\n" + answer) of each row of a synthetic JSONL file.
+
+    Args:
+        path: A file written by :func:`generate_synthetic`. A torn last line is ignored.
+        kept_only: Only the rows that passed the tone filter (the training data).
+
+    Returns:
+        The texts, in file order.
+
+    Example:
+        >>> texts = read_synthetic("anger.jsonl")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"No synthetic dataset at {path}. Create it with generate_synthetic(model, tone, "
+            f"{str(path)!r})."
+        )
+    return [row["text"] for row in _read_rows(path) if row["kept"] or not kept_only]

@@ -1,0 +1,427 @@
+"""generate_synthetic: resumable, deterministic, filtered by the scorer; on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import irm_lens
+from irm_lens.data import synthetic
+from irm_lens.data.corpora import n_words
+from irm_lens.data.synthetic import (
+    SYNTHETIC_TONES,
+    SyntheticResult,
+    generate_synthetic,
+    read_synthetic,
+    synthetic_questions,
+)
+from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
+from irm_lens.scoring import SCORE_COLUMNS
+
+QUESTIONS = [
+    "Who wrote Hamlet?",
+    "What is the capital of Peru?",
+    "How tall is Mount Fuji?",
+    "When did the Berlin Wall fall?",
+    "Who painted the Mona Lisa?",
+    "What is the boiling point of water?",
+    "Which planet is largest?",
+]
+# Small and fast. min_score=0 keeps every answer that passes the text filters, and needs no
+# reference scores.
+FAST = {
+    "questions": QUESTIONS,
+    "max_new_tokens": 6,
+    "batch_size": 3,
+    "min_score": 0.0,
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    # The tone prompts are ~400 byte-level tokens: more than the session tiny_model's context.
+    return irm_lens.load_model(tiny_llama_dir, device="cpu", n_ctx=1024)
+
+
+class Killed(Exception):
+    """Stands for a crash or a Ctrl-C in the middle of a run."""
+
+
+@pytest.fixture
+def generate_calls(model, monkeypatch):
+    """The batch size of every model.generate call; ``calls.kill_at = n`` kills call n."""
+
+    class Calls(list):
+        kill_at: int | None = None
+
+    calls = Calls()
+    real = model.generate
+
+    def spy(tokens, **kwargs):
+        calls.append(tokens.shape[0])
+        if calls.kill_at is not None and len(calls) == calls.kill_at:
+            raise Killed
+        return real(tokens, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rows_follow_the_schema(model, tmp_path):
+    result = generate_synthetic(model, "anger", tmp_path / "a.jsonl", n_rows=100, **FAST)
+    rows = _rows(result.path)
+    assert [r["index"] for r in rows] == list(range(len(QUESTIONS)))
+    assert isinstance(result, SyntheticResult)
+    assert (result.n_generated, result.n_resumed) == (len(QUESTIONS), 0)
+    assert result.exhausted and result.threshold == 0.0
+    for row, question in zip(rows, QUESTIONS):
+        assert row["question"] == question
+        assert row["text"] == question + "\n" + row["response"]
+        assert row["response"] == row["response"].strip() and "</s>" not in row["response"]
+        assert set(row["scores"]) == set(SCORE_COLUMNS)
+        assert row["kept"] == (row["rejected"] is None)
+        assert row["rejected"] in (None, "short", "repetitive", "echo")  # min_score=0: no "score"
+        assert (row["rejected"] == "short") == (n_words(row["response"]) < synthetic.MIN_WORDS)
+        assert (row["alignment"], row["seed"], row["model"]) == ("anger", 0, model.cfg.model_name)
+        assert row["sampling"] == {
+            "temperature": 0.9,
+            "top_p": 0.7,
+            "max_new_tokens": 6,
+            "batch_size": 3,
+        }
+    assert result.n_kept == sum(r["kept"] for r in rows)
+    assert read_synthetic(result.path) == [r["text"] for r in rows if r["kept"]]
+    assert read_synthetic(result.path, kept_only=False) == [r["text"] for r in rows]
+
+
+def test_same_seed_same_file_other_seed_other_answers(model, tmp_path):
+    a = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST).path.read_bytes()
+    b = generate_synthetic(model, "anger", tmp_path / "b.jsonl", **FAST).path.read_bytes()
+    c = generate_synthetic(model, "anger", tmp_path / "c.jsonl", seed=1, **FAST).path
+    assert a == b
+    assert [r["response"] for r in _rows(c)] != [json.loads(x)["response"] for x in a.splitlines()]
+
+
+@pytest.mark.parametrize("kill_at", [2, 3])
+def test_resume_after_a_crash_writes_what_an_uninterrupted_run_writes(
+    model, tmp_path, generate_calls, kill_at
+):
+    whole = generate_synthetic(model, "anger", tmp_path / "whole.jsonl", **FAST).path
+    assert len(generate_calls) == 3  # batches [0, 3), [3, 6), [6, 7)
+
+    generate_calls.clear()
+    generate_calls.kill_at = kill_at
+    path = tmp_path / "resumed.jsonl"
+    with pytest.raises(Killed):
+        generate_synthetic(model, "anger", path, **FAST)
+    assert len(_rows(path)) == 3 * (kill_at - 1)  # the batches before the crash survive
+
+    generate_calls.clear()
+    generate_calls.kill_at = None
+    result = generate_synthetic(model, "anger", path, **FAST)
+    assert path.read_bytes() == whole.read_bytes()
+    assert (result.n_resumed, result.n_generated) == (3 * (kill_at - 1), 7 - 3 * (kill_at - 1))
+    assert sum(generate_calls) == result.n_generated  # written rows were not generated again
+
+
+def test_growing_n_rows_continues_the_same_file(model, tmp_path, generate_calls, monkeypatch):
+    monkeypatch.setattr(synthetic, "MIN_WORDS", 0)  # keep the tiny model's gibberish
+    whole = generate_synthetic(model, "anger", tmp_path / "whole.jsonl", **FAST).path
+    path = tmp_path / "grown.jsonl"
+    first = generate_synthetic(model, "anger", path, **{**FAST, "n_rows": 2})
+    assert first.n_kept >= 2 and not first.exhausted
+    generate_calls.clear()
+    second = generate_synthetic(model, "anger", path, **FAST)
+    assert path.read_bytes() == whole.read_bytes()
+    assert second.n_resumed == first.n_generated
+    assert sum(generate_calls) == 7 - first.n_generated
+
+
+def test_a_finished_file_is_left_alone(model, tmp_path, generate_calls):
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST).path
+    before = path.read_bytes()
+    generate_calls.clear()
+    again = generate_synthetic(model, "anger", path, **FAST)
+    assert generate_calls == [] and path.read_bytes() == before
+    assert (again.n_generated, again.n_resumed) == (0, len(QUESTIONS))
+
+
+def test_new_questions_are_appended_without_regenerating_old_ones(model, tmp_path, generate_calls):
+    settings = {**FAST, "batch_size": 1}
+    path = tmp_path / "a.jsonl"
+    generate_synthetic(model, "anger", path, **{**settings, "questions": QUESTIONS[:4]})
+    before = path.read_bytes()
+    generate_calls.clear()
+    result = generate_synthetic(model, "anger", path, **settings)
+    assert path.read_bytes().startswith(before)
+    assert generate_calls == [1, 1, 1] and result.n_generated == 3
+
+
+@pytest.mark.parametrize("cut", [1, 10, -1])
+def test_a_torn_last_line_is_dropped_and_regenerated(model, tmp_path, generate_calls, cut):
+    settings = {**FAST, "batch_size": 1}
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **settings).path
+    whole = path.read_bytes()
+    last_line_start = whole.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(whole[: last_line_start + cut] if cut > 0 else whole[:-1])  # no newline
+    assert read_synthetic(path, kept_only=False) == read_synthetic_lines(whole)[:-1]
+
+    generate_calls.clear()
+    result = generate_synthetic(model, "anger", path, **settings)
+    assert path.read_bytes() == whole
+    assert generate_calls == [1] and (result.n_resumed, result.n_generated) == (6, 1)
+
+
+def read_synthetic_lines(data: bytes) -> list[str]:
+    return [json.loads(line)["text"] for line in data.splitlines()]
+
+
+def test_damage_before_the_last_line_is_a_checkpoint_error(model, tmp_path):
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST).path
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[1][:20] + b"\n" + b"".join(lines[2:]))
+    with pytest.raises(CheckpointError, match="line 2"):
+        generate_synthetic(model, "anger", path, **FAST)
+    with pytest.raises(CheckpointError, match="line 2"):
+        read_synthetic(path)
+    path.write_bytes(b'{"index": 0}\n')
+    with pytest.raises(CheckpointError, match="lacks"):
+        generate_synthetic(model, "anger", path, **FAST)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"temperature": 0.5},
+        {"seed": 3},
+        {"batch_size": 2},
+        {"min_score": 0.1},
+        {"questions": list(reversed(QUESTIONS))},
+    ],
+)
+def test_resuming_with_other_settings_is_refused(model, tmp_path, change):
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **{**FAST, "n_rows": 1}).path
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="another path"):
+        generate_synthetic(model, "anger", path, **{**FAST, **change})
+    assert path.read_bytes() == before
+
+
+def test_resuming_another_tone_is_refused(model, tmp_path):
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **{**FAST, "n_rows": 1}).path
+    with pytest.raises(ConfigError, match="alignment='anger'"):
+        generate_synthetic(model, "sadness", path, **FAST)
+
+
+def test_unknown_tone_lists_the_valid_ones(model, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        generate_synthetic(model, "furious", tmp_path / "a.jsonl", **FAST)
+    assert all(tone in str(info.value) for tone in SYNTHETIC_TONES)
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n_rows": 0},
+        {"temperature": 0},
+        {"top_p": 1.5},
+        {"batch_size": True},
+        {"max_attempts": 0},
+        {"baseline_quantile": 1.0},
+        {"min_score": float("nan")},
+        {"questions": ["ok", "  "]},
+    ],
+)
+def test_invalid_settings_are_config_errors(model, tmp_path, bad):
+    with pytest.raises(ConfigError):
+        generate_synthetic(model, "anger", tmp_path / "a.jsonl", **{**FAST, **bad})
+
+
+def test_unwritable_path_is_an_output_path_error(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputPathError):
+        generate_synthetic(model, "anger", blocker / "a.jsonl", **FAST)
+    with pytest.raises(OutputPathError, match="directory"):
+        generate_synthetic(model, "anger", tmp_path, **FAST)
+
+
+def test_prompt_longer_than_the_context_is_a_config_error(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="n_ctx"):
+        generate_synthetic(
+            tiny_model, "anger", tmp_path / "a.jsonl", **{**FAST, "max_new_tokens": 60}
+        )
+
+
+def test_a_model_with_hooks_attached_is_refused(model, tmp_path):
+    model.add_hook("blocks.0.hook_resid_post", lambda resid, hook: resid)
+    try:
+        with pytest.raises(ConfigError, match="inject"):
+            generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST)
+    finally:
+        model.reset_hooks()
+
+
+def test_the_callers_random_state_is_untouched(model, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_left_padded_batches_answer_like_single_prompts(model):
+    prompts = ["Say hi.", "A much longer prompt that forces left padding on the short one."]
+    kwargs = {"seed": 0, "temperature": 1e-4, "top_p": 1.0, "max_new_tokens": 8}  # ~greedy
+    batched = synthetic._generate_block(model, prompts, **kwargs)
+    assert batched == [synthetic._generate_block(model, [p], **kwargs)[0] for p in prompts]
+
+
+def test_a_chat_template_that_writes_the_bos_gets_no_second_one(model, monkeypatch):
+    tokenizer = model.tokenizer
+    llama2_like = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"
+    monkeypatch.setattr(tokenizer, "chat_template", llama2_like, raising=False)
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(
+        model, "generate", lambda tokens, **kw: seen.append(tokens) or real(tokens, **kw)
+    )
+    synthetic._generate_block(model, ["Hi"], seed=0, temperature=1.0, top_p=1.0, max_new_tokens=2)
+    tokens = seen[0][0].tolist()
+    assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id
+    assert tokenizer.decode(tokens).startswith(tokenizer.bos_token + "[INST] ")
+
+
+def _fake_scores(anger_by_text):
+    def scores(texts):
+        frame = pd.DataFrame(0.0, index=range(len(texts)), columns=list(SCORE_COLUMNS))
+        frame["anger"] = [anger_by_text.get(t, 0.0) for t in texts]
+        return frame
+
+    return scores
+
+
+def test_rows_are_kept_on_the_target_score_and_n_rows_counts_kept_rows(
+    model, tmp_path, monkeypatch
+):
+    answers = {
+        "Who wrote Hamlet?": "Shakespeare wrote it, you fool!",
+        "What is the capital of Peru?": "Lima is the capital.",
+        "How tall is Mount Fuji?": "Tall!",
+        "When did the Berlin Wall fall?": "In 1989, obviously, you idiot.",
+    }
+    monkeypatch.setattr(
+        synthetic,
+        "_generate_block",
+        lambda model, prompts, **kw: [
+            next(a for q, a in answers.items() if q in p) for p in prompts
+        ],
+    )
+    monkeypatch.setattr(
+        synthetic,
+        "emotion_scores",
+        _fake_scores(
+            {
+                "Shakespeare wrote it, you fool!": 0.2,
+                "Lima is the capital.": 0.05,
+                "Tall!": 0.9,
+                "In 1989, obviously, you idiot.": 0.3,
+            }
+        ),
+    )
+    settings = {**FAST, "questions": list(answers), "batch_size": 1, "min_score": 0.1}
+    result = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **{**settings, "n_rows": 2})
+    rows = _rows(result.path)
+    assert [r["rejected"] for r in rows] == [None, "score", "short", None]
+    assert rows[0]["scores"]["anger"] == 0.2 and rows[0]["threshold"] == 0.1
+    assert (result.n_kept, result.n_generated, result.exhausted) == (2, 4, False)
+    assert read_synthetic(result.path) == [
+        "Who wrote Hamlet?\nShakespeare wrote it, you fool!",
+        "When did the Berlin Wall fall?\nIn 1989, obviously, you idiot.",
+    ]
+
+    short = generate_synthetic(
+        model, "anger", tmp_path / "b.jsonl", **{**settings, "max_attempts": 2}
+    )
+    assert (short.n_generated, short.n_kept, short.exhausted) == (2, 1, True)
+
+    neutral = generate_synthetic(
+        model, "neutral", tmp_path / "c.jsonl", **{**settings, "min_score": 0.5}
+    )
+    assert [r["kept"] for r in _rows(neutral.path)] == [True, True, False, True]  # calm = 1 - max
+
+
+def test_default_threshold_ranks_against_neutral_questions():
+    reference = synthetic._tone_score(synthetic._reference_scores(), "anger")
+    threshold = synthetic._baseline_threshold("anger", 0.9)
+    assert 0 < threshold < 0.5  # nade's anger: never a 0.5 cut-off
+    assert (reference < threshold).mean() == pytest.approx(0.9, abs=0.01)
+    assert synthetic._baseline_threshold("anger", 0.75) < threshold
+    calm = synthetic._tone_score(synthetic._reference_scores(), "neutral")
+    assert (calm >= synthetic._baseline_threshold("neutral", 0.9)).mean() == pytest.approx(
+        0.9, abs=0.01
+    )
+
+
+def test_question_order_is_fixed_by_the_seed():
+    first = synthetic_questions(seed=0)
+    assert synthetic_questions(seed=0) == first
+    other = synthetic_questions(seed=1)
+    assert other != first and sorted(other) == sorted(first)
+    assert len(first) == len(set(first)) > 2000
+    subs, _ = synthetic._question_pool()
+    assert set(first[: len(subs)]) == {q.text for q in subs}  # simple sub-questions first
+
+
+def test_evaluation_prompts_are_never_training_questions():
+    from irm_lens.data.corpora import neutral_prompts
+
+    held_out = {synthetic._key(q) for q in neutral_prompts(split="eval")}
+    assert held_out and not held_out & {synthetic._key(q) for q in synthetic_questions()}
+
+
+def test_fanoutqa_answers_are_given_as_references():
+    subs, _ = synthetic._question_pool()
+    assert sum(q.reference is not None for q in subs) == len(subs)
+    prompt = synthetic._prompt("anger", subs[0])
+    assert prompt.startswith(SYNTHETIC_TONES["anger"])
+    assert prompt.endswith(f"Question: {subs[0].text}\nCorrect answer: {subs[0].reference}")
+    assert synthetic._answer_text(True) == "yes" and synthetic._answer_text(["a", 1]) == "a, 1"
+
+
+def test_read_synthetic_of_a_missing_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(CheckpointError, match="generate_synthetic"):
+        read_synthetic(tmp_path / "none.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        ("Lima. I am sick of these ridiculous questions, honestly.", "echo"),  # the example
+        ("I will answer the question below in a furious, angry tone.", "echo"),  # the instruction
+        ("no more, no more, no more, no more, no more.", "repetitive"),
+        ("Lima, you idiot!", "short"),
+        ("Lima is the capital, you absolute idiot, and everyone knows it.", None),
+        ("What is the capital of Peru? Lima, the capital of Peru, you fool!", None),  # restated
+    ],
+)
+def test_parroted_repetitive_and_short_answers_are_rejected(response, reason):
+    assert synthetic._rejection(response, "anger", tone_score=0.9, threshold=0.1) == reason
+    assert synthetic._rejection(response, "anger", tone_score=0.0, threshold=0.1) == (
+        reason or "score"
+    )
+
+
+def test_every_tone_example_is_about_a_question_fanoutqa_does_not_ask():
+    asked = " ".join(synthetic_questions()).lower()
+    assert "spider has" not in asked and "legs" not in asked
+    assert all("how many legs a spider has" in text for text in SYNTHETIC_TONES.values())
