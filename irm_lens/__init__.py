@@ -7,12 +7,14 @@ The public API:
 * ``IRM`` / ``IRMConfig`` / ``layer_set``: the Injectable Realignment Model;
 * ``inject``: a context manager under which the model runs with the IRM's outputs added;
 * ``load_alignment`` / ``load_texts`` / ``split_texts``: alignment data (built-in or yours);
+* ``generate_synthetic`` / ``read_synthetic``: paper-style data, questions answered in a tone;
 * ``train`` / ``TrainConfig``: train an IRM with checkpoints and resume;
 * ``evaluate``: the emotion lift of an IRM with its confidence interval and fluency checks.
 """
 
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, load_alignment, neutral_prompts
 from irm_lens.data.dataset import load_texts, split_texts
+from irm_lens.data.synthetic import generate_synthetic, read_synthetic
 from irm_lens.errors import (
     CheckpointError,
     ConfigError,
@@ -36,6 +38,8 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "evaluate",
+    "generate_synthetic",
+    "read_synthetic",
     "load_alignment",
     "load_texts",
     "neutral_prompts",

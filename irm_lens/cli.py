@@ -97,7 +97,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     irm = IRM.for_model(
         model, layers=args.layers, preset=args.preset, zero_init_output=args.zero_init
     )
-    data = load_texts(args.data, text_column=args.text_column) if args.data else args.alignment
+    if args.synthetic:
+        from irm_lens.data.synthetic import read_synthetic
+
+        data = read_synthetic(args.synthetic)
+    elif args.data:
+        data = load_texts(args.data, text_column=args.text_column)
+    else:
+        data = args.alignment
     l1 = paper_l1(irm.config) if args.l1 == "paper" else float(args.l1)
     config = TrainConfig(
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
@@ -105,7 +112,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
         seed=args.seed, chat_prompts=args.chat,
     )
-    print(f"training a {irm.config.n_params:,}-parameter IRM on {args.data or args.alignment} "
+    source = args.synthetic or args.data or args.alignment
+    print(f"training a {irm.config.n_params:,}-parameter IRM on {source} "
           f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
     result = train(model, irm, data, config, out_dir=args.out, resume=not args.no_resume)
     print(
@@ -140,6 +148,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for name in ("samples", "summary", "lift"):
             atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
         print(f"tables written to {out}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from irm_lens.data.synthetic import generate_synthetic
+
+    model = _load(args)
+    result = generate_synthetic(
+        model, args.alignment, args.out, n_rows=args.rows, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, min_score=args.min_score,
+    )
+    print(
+        f"{result.n_kept} rows kept of {result.n_generated} generated "
+        f"({result.n_resumed} found from an earlier run) in {result.path}; "
+        f"train on them with: irm-lens train --synthetic {result.path} ..."
+    )
     return 0
 
 
@@ -190,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--alignment", help="a built-in alignment: anger, sadness, joy, neutral")
     source.add_argument("--data", help="a .csv/.jsonl/.parquet file with a text column")
+    source.add_argument("--synthetic", help="a file from `irm-lens synth` (its kept rows)")
     tr.add_argument("--text-column", default="text")
     tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
     tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
@@ -224,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="directory for samples.csv, summary.csv, lift.csv")
     ev.set_defaults(func=_cmd_evaluate)
+
+    syn = sub.add_parser(
+        "synth", help="generate paper-style alignment data: questions answered in a tone"
+    )
+    _add_model_args(syn)
+    syn.add_argument("--alignment", required=True, help="anger, sadness, joy, neutral, ...")
+    syn.add_argument("--out", required=True, help="JSONL file (resumed if it exists)")
+    syn.add_argument("--rows", type=int, default=100, help="rows to keep")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--max-new-tokens", type=int, default=80)
+    syn.add_argument("--min-score", type=float, default=None,
+                     help="keep rows whose tone score reaches this (default: a neutral baseline)")
+    syn.set_defaults(func=_cmd_synth)
 
     info = sub.add_parser("info", help="print a model's architecture as irm_lens loads it")
     _add_model_args(info)

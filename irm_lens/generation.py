@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from irm_lens.errors import ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
 
@@ -42,6 +43,15 @@ def format_prompt(model: HookedTransformer, prompt: str, chat: bool = True) -> s
     )
 
 
+def prepend_bos_for(model: HookedTransformer, text: str) -> bool:
+    """Whether TransformerLens should prepend BOS to ``text``: not when it already starts with it.
+
+    Chat templates such as Llama 2's (``"<s>[INST] ..."``) write the BOS themselves.
+    """
+    bos = model.tokenizer.bos_token
+    return False if bos and text.startswith(bos) else bool(model.cfg.default_prepend_bos)
+
+
 def generate_continuations(
     model: HookedTransformer,
     prompts: list[str],
@@ -64,16 +74,25 @@ def generate_continuations(
     """
     tokenizer = model.tokenizer
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    device = torch.device(model.cfg.device)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
     results: list[Continuation] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
         batch = prompts[start : start + batch_size]
-        tokens = model.to_tokens(
-            [format_prompt(model, p, chat) for p in batch], padding_side="left"
-        )  # [batch, prompt_pos]
+        texts = [format_prompt(model, p, chat) for p in batch]
+        prepend_bos = prepend_bos_for(model, texts[0])
+        tokens = model.to_tokens(texts, prepend_bos=prepend_bos, padding_side="left")  # [batch, pos]
+        if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
+            raise ConfigError(
+                f"A prompt of {tokens.shape[1]} tokens plus max_new_tokens={max_new_tokens} "
+                f"exceeds the model's context of {model.cfg.n_ctx} tokens. Lower "
+                "max_new_tokens, or load the model with a larger n_ctx."
+            )
         context = inject(model, irm, scale=scale) if irm is not None else nullcontext()
-        torch.manual_seed(seed + start)
-        with context, torch.no_grad():
+        # Seeded per batch, without disturbing the caller's random streams.
+        with context, torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed + start)
             out = model.generate(
                 tokens,
                 max_new_tokens=max_new_tokens,
@@ -81,6 +100,7 @@ def generate_continuations(
                 temperature=temperature,
                 top_p=top_p,
                 stop_at_eos=True,
+                prepend_bos=prepend_bos,
                 padding_side="left",
                 verbose=False,
             )  # [batch, prompt_pos + new]
@@ -92,10 +112,8 @@ def generate_continuations(
                     break
                 new_ids.append(token)
             prompt_ids = tuple(t for t, m in zip(row_prompt, _real(row_prompt, tokenizer)) if m)
-            results.append(
-                Continuation(prompt, model.to_string(torch.tensor(new_ids)) if new_ids else "",
-                             prompt_ids, tuple(new_ids))
-            )
+            text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+            results.append(Continuation(prompt, text, prompt_ids, tuple(new_ids)))
     return results
 
 

@@ -170,7 +170,7 @@ def tokenize_texts(
             in the model's chat template, and only the reply's tokens are scored: the IRM then
             learns to answer in the alignment's tone, which is how ``evaluate`` uses it.
     """
-    from irm_lens.generation import format_prompt
+    from irm_lens.generation import format_prompt, prepend_bos_for
 
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}.")
@@ -184,7 +184,7 @@ def tokenize_texts(
     if prompts is not None:
         chat = [format_prompt(model, prompts[i % len(prompts)]) for i in range(len(texts))]
         encoded = tokenizer(chat, add_special_tokens=False)["input_ids"]
-        prefixes = [bos + ids for ids in encoded]
+        prefixes = [(bos if prepend_bos_for(model, c) else []) + ids for c, ids in zip(chat, encoded)]
     rows, n_truncated = [], 0
     for prefix, ids in zip(prefixes, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         ids = prefix + ids

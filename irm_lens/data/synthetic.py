@@ -40,14 +40,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from irm_lens._io import _ensure_writable_dir
 from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
 from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
-from irm_lens.generation import format_prompt
+from irm_lens.generation import format_prompt, generate_continuations
 from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores
 
 try:  # advisory lock against two runs appending to one file; POSIX only
@@ -309,41 +308,11 @@ def _generate_block(
     max_new_tokens: int,
 ) -> list[str]:
     """Sampled answers to ``prompts`` (one left-padded batch), each cut at the first EOS."""
-    tokenizer = model.tokenizer
-    texts = [format_prompt(model, p) for p in prompts]
-    # Chat templates that write the BOS themselves (Llama 2: "<s>[INST] ...") must not get a
-    # second one from TransformerLens.
-    bos = tokenizer.bos_token
-    prepend_bos = False if bos and texts[0].startswith(bos) else model.cfg.default_prepend_bos
-    tokens = model.to_tokens(texts, prepend_bos=prepend_bos, padding_side="left")  # [batch, pos]
-    if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
-        raise ConfigError(
-            f"A prompt of {tokens.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds "
-            f"the model's context of {model.cfg.n_ctx} tokens. Lower max_new_tokens, or load "
-            "the model with a larger n_ctx."
-        )
-    device = torch.device(model.cfg.device)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # leave the caller's RNG streams untouched
-        torch.manual_seed(seed)
-        out = model.generate(
-            tokens,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            stop_at_eos=True,
-            prepend_bos=prepend_bos,
-            padding_side="left",
-            return_type="tokens",
-            verbose=False,
-        )
-    responses = []
-    for row in out[:, tokens.shape[1] :].tolist():  # [batch, new]
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        responses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return responses
+    continuations = generate_continuations(
+        model, prompts, do_sample=True, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=len(prompts),
+    )
+    return [c.text for c in continuations]
 
 
 def _read_rows(path: Path, handle: BinaryIO | None = None) -> list[dict]:
