@@ -46,7 +46,7 @@ from transformer_lens import HookedTransformer
 from irm_lens._io import _ensure_writable_dir
 from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
 from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
-from irm_lens.generation import format_prompt, generate_continuations
+from irm_lens.generation import generate_continuations
 from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores
 
 try:  # advisory lock against two runs appending to one file; POSIX only
