@@ -288,3 +288,12 @@ def test_for_model_sizes_from_the_model(tiny_model):
     assert cfg.host_model == tiny_model.cfg.model_name
     with pytest.raises(ConfigError, match="Unknown IRM preset"):
         IRM.for_model(tiny_model, preset="huge")
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = IRM(_config()).save(tmp_path / "a.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
