@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from irm_lens._io import atomic_write, atomic_write_json, atomic_write_text
+from irm_lens._io import _ensure_writable_dir, atomic_write, atomic_write_json, atomic_write_text
 from irm_lens.data.dataset import (
     TextSplits,
     TokenizedTexts,
@@ -206,6 +207,21 @@ def train(
         >>> result = irm_lens.train(model, irm, "anger", TrainConfig(max_steps=300),
         ...                         out_dir="runs/anger")  # doctest: +SKIP
     """
+    lock = _RunLock(Path(out_dir)) if out_dir is not None else nullcontext()
+    with lock:
+        return _train(model, irm, data, config, out_dir=out_dir, resume=resume, progress=progress)
+
+
+def _train(
+    model: HookedTransformer,
+    irm: IRM,
+    data: TextSplits | Iterable[str] | str,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+) -> TrainResult:
     start = time.perf_counter()
     irm.check_compatible(model)
     splits = _as_splits(data, config.seed)
@@ -400,6 +416,33 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if meta.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not an irm_lens training checkpoint.")
     return tensors, meta
+
+
+class _RunLock:
+    """An exclusive lock on a run directory: two trainers writing one run would interleave
+    its metrics and checkpoints. Released on exit, or by the OS if the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def __enter__(self) -> _RunLock:
+        import fcntl
+
+        _ensure_writable_dir(self.path)
+        self._file = open(self.path / ".lock", "w")  # noqa: SIM115 - held until __exit__
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._file.close()
+            raise ConfigError(
+                f"Another process is training in {self.path}. Wait for it, stop it, or use "
+                "another out_dir."
+            ) from exc
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._file.close()  # closing the file releases the lock
 
 
 class _RunDir:

@@ -161,3 +161,14 @@ def test_non_finite_loss_stops_and_rolls_back(tiny_model, tmp_path, monkeypatch)
 def test_bad_train_config(kw):
     with pytest.raises(ConfigError):
         TrainConfig(**kw)
+
+
+def test_a_second_trainer_on_the_same_run_directory_is_refused(tiny_model, tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "w") as held:  # another process's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="Another process is training"):
+            train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+    train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
