@@ -53,9 +53,8 @@ def test_run_directory_contents(tiny_model, tmp_path):
     assert run["data"]["n_train"] + run["data"]["n_val"] + run["data"]["n_test"] == len(TEXTS)
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
-    whole = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "a", progress=False)
-
+def _interrupted_run(model, out_dir, monkeypatch) -> None:
+    """Train CONFIG into ``out_dir`` and stop it with Ctrl-C after step 8 (checkpoint at 6)."""
     original = train_module._log
 
     def interrupt_at_step_8(run, record):
@@ -63,10 +62,15 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, tm
         if record.get("step") == 8 and "loss" in record:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_log", interrupt_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "_log", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_log", interrupt_at_step_8)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, _irm(model), TEXTS, CONFIG, out_dir=out_dir, progress=False)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    whole = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "a", progress=False)
+    _interrupted_run(tiny_model, tmp_path / "b", monkeypatch)
     # A different initial IRM proves the weights come from the checkpoint (step 6).
     resumed = train(tiny_model, _irm(tiny_model, seed=99), TEXTS, CONFIG, out_dir=tmp_path / "b",
                     progress=False)
@@ -95,17 +99,7 @@ def test_existing_run_is_protected(tiny_model, tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(tiny_model, tmp_path, monkeypatch):
     whole = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "a", progress=False)
-    original = train_module._log
-
-    def interrupt(run, record):
-        original(run, record)
-        if record.get("step") == 8 and "loss" in record:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_log", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "_log", original)
+    _interrupted_run(tiny_model, tmp_path / "b", monkeypatch)
     newest = sorted((tmp_path / "b" / "checkpoints").glob("*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[:100])  # torn: step 6 is lost, step 3 remains
     resumed = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path / "b", progress=False)
