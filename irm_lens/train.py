@@ -398,10 +398,15 @@ def _roll_back(run: _RunDir | None, irm: IRM, step: int) -> str:
         logger.warning("%s; no checkpoint to roll back to.", message)
         return message + "; no earlier checkpoint, IRM left at its last finite state"
     tensors, meta = _read_checkpoint(latest)
-    irm.load_state_dict({k[len("irm."):]: v for k, v in tensors.items() if k.startswith("irm.")})
+    irm.load_state_dict(_irm_weights(tensors))
     good = json.loads(meta["state"])["step"]
     logger.warning("%s; IRM rolled back to the checkpoint of step %d.", message, good)
     return message + f"; IRM rolled back to the checkpoint of step {good}"
+
+
+def _irm_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The IRM's state dict inside a checkpoint's tensors (stored under ``irm.``)."""
+    return {k.removeprefix("irm."): v for k, v in tensors.items() if k.startswith("irm.")}
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -493,7 +498,7 @@ class _RunDir:
 
     def restore(self, checkpoint: Path, irm: IRM, optimizer, scheduler, state: _LoopState) -> None:
         tensors, meta = _read_checkpoint(checkpoint)
-        irm.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("irm.")})
+        irm.load_state_dict(_irm_weights(tensors))
         optim_meta = json.loads(meta["optimizer"])
         optim_state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
