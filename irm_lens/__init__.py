@@ -9,9 +9,31 @@ The public API:
 * ``load_alignment`` / ``load_texts`` / ``split_texts``: alignment data (built-in or yours);
 * ``generate_synthetic`` / ``read_synthetic``: paper-style data, questions answered in a tone;
 * ``train`` / ``TrainConfig``: train an IRM with checkpoints and resume;
-* ``evaluate``: the emotion lift of an IRM with its confidence interval and fluency checks.
+* ``evaluate``: the emotion lift of an IRM with its confidence interval and fluency checks;
+* analyses of the index an IRM relies on: ``collect_irm_outputs`` / ``striation_score`` /
+  ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
+  ``activation_magnitudes``, ``logit_attribution``, ``patch_neuron``, ``ablate``, and
+  ``explain`` (all of them for one index);
+* ``report``: one self-contained HTML file from those results.
 """
 
+from irm_lens.analysis.ablation import Ablation, AblationResult, ablate
+from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
+from irm_lens.analysis.dossier import NeuronDossier, explain
+from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
+from irm_lens.analysis.norms import NormWeights, norm_weights
+from irm_lens.analysis.outputs import (
+    DominantNeurons,
+    IRMOutputs,
+    RunComparison,
+    StriationScore,
+    collect_irm_outputs,
+    compare_runs,
+    dominant_neurons,
+    striation_score,
+)
+from irm_lens.analysis.patching import PatchingResult, patch_neuron
+from irm_lens.analysis.sweeps import SweepRun, run_sweep, sweep_runs
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, load_alignment, neutral_prompts
 from irm_lens.data.dataset import load_texts, split_texts
 from irm_lens.data.synthetic import generate_synthetic, read_synthetic
@@ -21,17 +43,45 @@ from irm_lens.errors import (
     IRMLensError,
     ModelNotAvailableOfflineError,
     ModelNotFoundError,
+    NeuronIndexError,
     OutputPathError,
     ShapeMismatchError,
     UnsupportedArchitectureError,
 )
+from irm_lens.evaluate import EvalResult, evaluate
 from irm_lens.inject import inject
 from irm_lens.irm import IRM, IRM_PRESETS, LAYER_PRESETS, IRMConfig, layer_set
-from irm_lens.evaluate import EvalResult, evaluate
 from irm_lens.models import EMBEDDED_MODEL_NAME, load_model
+from irm_lens.report import report
 from irm_lens.train import TrainConfig, TrainResult, paper_l1, train
 
 __all__ = [
+    "Ablation",
+    "AblationResult",
+    "ActivationMagnitudes",
+    "DominantNeurons",
+    "IRMOutputs",
+    "LogitAttribution",
+    "NeuronDossier",
+    "NeuronIndexError",
+    "NormWeights",
+    "PatchingResult",
+    "RunComparison",
+    "StriationScore",
+    "SweepRun",
+    "ablate",
+    "activation_magnitudes",
+    "collect_irm_outputs",
+    "compare_runs",
+    "dominant_neurons",
+    "explain",
+    "logit_attribution",
+    "norm_weights",
+    "patch_neuron",
+    "report",
+    "run_sweep",
+    "striation_score",
+    "sweep_runs",
     "BUILTIN_ALIGNMENTS",
     "EMBEDDED_MODEL_NAME",
     "EvalResult",

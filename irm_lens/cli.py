@@ -11,7 +11,7 @@ from dataclasses import asdict
 import torch
 
 from irm_lens._io import atomic_write_json, atomic_write_text
-from irm_lens.errors import IRMLensError
+from irm_lens.errors import ConfigError, IRMLensError
 from irm_lens.generation import compare_generations
 from irm_lens.irm import IRM, IRM_PRESETS
 from irm_lens.models import load_model
@@ -90,7 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from irm_lens.data.dataset import load_texts
-    from irm_lens.train import TrainConfig, paper_l1, train
+    from irm_lens.train import paper_l1, train
 
     model = _load(args)
     torch.manual_seed(args.seed)
@@ -106,12 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         data = args.alignment
     l1 = paper_l1(irm.config) if args.l1 == "paper" else float(args.l1)
-    config = TrainConfig(
-        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        max_epochs=args.epochs, max_steps=args.steps, l1=l1, eval_every=args.eval_every,
-        max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, chat_prompts=args.chat,
-    )
+    config = _train_config(args, l1=l1)
     source = args.synthetic or args.data or args.alignment
     print(f"training a {irm.config.n_params:,}-parameter IRM on {source} "
           f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
@@ -123,6 +118,122 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{result.baseline_val_perplexity:.2f} -> {result.val_perplexity:.2f})\n"
         f"best IRM: {result.out_dir / 'irm.safetensors'}"
     )
+    return 0
+
+
+def _train_config(args: argparse.Namespace, **overrides):
+    """The TrainConfig of the optimisation options shared by ``train`` and ``sweep``."""
+    from irm_lens.train import TrainConfig
+
+    values = dict(
+        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        max_epochs=args.epochs, max_steps=args.steps, eval_every=args.eval_every,
+        max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, chat_prompts=args.chat,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ConfigError(f"--l1 takes on, off or off,on; got {text!r}.")
+    return text == "on"
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from irm_lens.analysis.sweeps import run_sweep
+
+    model = _load(args)
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    if len(shard) != 2:
+        raise ConfigError(f"--shard must look like 0/2, got {args.shard!r}.")
+    runs = run_sweep(
+        model, args.out, args.alignments.split(","), args.layer_sets.split(","),
+        [_on_off(x) for x in args.l1.split(",")],
+        [int(s) for s in args.seeds.split(",")],
+        config=_train_config(args), preset=args.preset, zero_init_output=not args.no_zero_init,
+        shard=shard,
+    )
+    done = [r for r in runs if r.done]
+    print(f"{len(done)} of {len(runs)} runs finished under {args.out}")
+    for run in runs:
+        print(f"  {'done ' if run.done else 'todo '} {run.name}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from irm_lens.analysis.outputs import collect_irm_outputs, compare_runs
+
+    model = _load(args)
+    root = Path(args.sweep)
+    dirs = sorted(p.parent for p in root.glob("*/irm.safetensors"))
+    if args.runs:
+        dirs = [root / name for name in args.runs.split(",")]
+    if len(dirs) < 2:
+        raise ConfigError(f"{root} holds {len(dirs)} finished run(s); comparing needs two.")
+    outputs = {}
+    for d in dirs:
+        irm = IRM.load(d / "irm.safetensors", model)
+        outputs[d.name] = collect_irm_outputs(
+            model, irm, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens
+        )
+    result = compare_runs(outputs, k=args.k)
+    with _pd_options():
+        print(result.runs.round(4).to_string(index=False))
+        print()
+        print(result.pairs.round(3).to_string(index=False))
+        print()
+        print(result.consensus.to_string(index=False))
+    print(f"\nsame top index in every run: {result.same_top1}")
+    if args.out:
+        out = Path(args.out)
+        for name in ("runs", "pairs", "consensus"):
+            atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
+        print(f"tables written to {out}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from irm_lens.analysis.dossier import explain
+    from irm_lens.analysis.outputs import collect_irm_outputs, dominant_neurons
+
+    model = _load(args)
+    irm = IRM.load(args.irm, model) if args.irm else None
+    neuron = args.neuron
+    if neuron is None:
+        if irm is None:
+            raise ConfigError("Give --neuron, or --irm to explain that IRM's dominant neuron.")
+        neuron = dominant_neurons(collect_irm_outputs(model, irm, n_prompts=args.n_prompts)).top
+        print(f"the IRM's dominant neuron: {neuron}")
+    dossier = explain(
+        model, neuron, irm, args.alignment, n_prompts=args.n_prompts, n_random=args.n_random,
+        generate=args.generate,
+    )
+    with _pd_options():
+        print(dossier.summary_frame().to_string())
+        print("\nnorm weights:")
+        print(dossier.norms.profile(neuron).round(4).to_string(index=False))
+        print("\nablation:")
+        print(dossier.ablation.summary().round(4).to_string(index=False))
+        if dossier.patching is not None:
+            print("\npatching (all layers):")
+            print(dossier.patching.summary().round(4).to_string(index=False))
+        print("\ntokens a push on this index promotes:")
+        print(" ".join(repr(t) for t in dossier.attribution.promoted["token"]))
+    if args.out:
+        out = Path(args.out)
+        atomic_write_text(out / "summary.csv", dossier.summary_frame().to_csv())
+        atomic_write_text(out / "norms.csv", dossier.norms.profile(neuron).to_csv(index=False))
+        atomic_write_text(out / "magnitudes.csv",
+                          dossier.magnitudes.profile(neuron).to_csv(index=False))
+        atomic_write_text(out / "ablation.csv", dossier.ablation.table.to_csv(index=False))
+        if dossier.patching is not None:
+            atomic_write_text(out / "patching.csv", dossier.patching.table.to_csv(index=False))
+        print(f"tables written to {out}")
     return 0
 
 
@@ -183,6 +294,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_optimisation_args(
+    parser: argparse.ArgumentParser, steps: int | None = None, max_length: int = 128,
+    lr: float = 1e-4, eval_every: int | None = None, max_val_batches: int | None = None,
+) -> None:
+    """Options of the training loop, shared by ``train`` and ``sweep``."""
+    parser.add_argument("--steps", type=int, default=steps, help="max optimizer steps")
+    parser.add_argument("--epochs", type=int, default=15, help="max epochs (paper: 15)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=max_length)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--eval-every", type=int, default=eval_every,
+                        help="steps (default: per epoch)")
+    parser.add_argument("--max-val-batches", type=int, default=max_val_batches)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--chat", action="store_true",
+        help="train on chat examples: each text is the reply to a neutral prompt; only it is scored",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irm-lens",
@@ -219,23 +350,54 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
     tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
     tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
-    tr.add_argument("--steps", type=int, default=None, help="max optimizer steps")
-    tr.add_argument("--epochs", type=int, default=15, help="max epochs (paper: 15)")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--max-length", type=int, default=128)
-    tr.add_argument("--lr", type=float, default=1e-4)
     tr.add_argument("--l1", default="0", help="L1 coefficient on IRM outputs, or 'paper'")
-    tr.add_argument("--eval-every", type=int, default=None, help="steps (default: per epoch)")
-    tr.add_argument("--max-val-batches", type=int, default=None)
-    tr.add_argument("--checkpoint-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=42)
-    tr.add_argument(
-        "--chat", action="store_true",
-        help="train on chat examples: each text is the reply to a neutral prompt; only it is scored",
-    )
+    _add_optimisation_args(tr)
     tr.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
     tr.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     tr.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser(
+        "sweep", help="train the paper's grid of IRMs (alignments x layer sets x L1 x seeds)"
+    )
+    _add_model_args(sw)
+    sw.add_argument("--alignments", default="anger,sadness")
+    sw.add_argument("--layer-sets", default="all,every4")
+    sw.add_argument("--l1", default="off", help="off, on or off,on (on: paper's 1e-4 / n_layers)")
+    sw.add_argument("--seeds", default="0,1")
+    sw.add_argument("--preset", default="small", choices=sorted(IRM_PRESETS))
+    sw.add_argument("--no-zero-init", action="store_true", help="random output layer at start")
+    sw.add_argument("--shard", help="i/n: train only every n-th run starting at i (fan-out)")
+    sw.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    _add_optimisation_args(
+        sw, steps=100, max_length=64, lr=1e-3, eval_every=50, max_val_batches=4
+    )
+    sw.add_argument("--out", required=True, help="sweep directory (resumed if interrupted)")
+    sw.set_defaults(func=_cmd_sweep)
+
+    cmp_ = sub.add_parser(
+        "compare", help="do a sweep's IRMs rely on the same residual index?"
+    )
+    _add_model_args(cmp_)
+    cmp_.add_argument("sweep", help="a sweep directory (irm-lens sweep --out)")
+    cmp_.add_argument("--runs", help="comma-separated run names (default: every finished run)")
+    cmp_.add_argument("--k", type=int, default=10, help="size of the top-k sets")
+    cmp_.add_argument("--n-prompts", type=int, default=16)
+    cmp_.add_argument("--max-new-tokens", type=int, default=16)
+    cmp_.add_argument("--out", help="directory for runs.csv, pairs.csv, consensus.csv")
+    cmp_.set_defaults(func=_cmd_compare)
+
+    ex = sub.add_parser("explain", help="every analysis of one residual index (a dossier)")
+    _add_model_args(ex)
+    ex.add_argument("--neuron", type=int, help="residual index (default: the IRM's dominant one)")
+    ex.add_argument("--irm", help="a trained IRM")
+    ex.add_argument("--alignment", help="the IRM's alignment (texts for patching / ablation)")
+    ex.add_argument("--n-prompts", type=int, default=16)
+    ex.add_argument("--n-random", type=int, default=8, help="random indices in the baselines")
+    ex.add_argument("--generate", action="store_true",
+                    help="also score the emotion of steered generations under each ablation")
+    ex.add_argument("--out", help="directory for the tables (CSV)")
+    ex.set_defaults(func=_cmd_explain)
 
     ev = sub.add_parser("evaluate", help="measure an IRM's alignment on held-out neutral prompts")
     _add_model_args(ev)

@@ -45,3 +45,7 @@ class ConfigError(IRMLensError, ValueError):
 
 class OutputPathError(IRMLensError, OSError):
     """An output location cannot be written."""
+
+
+class NeuronIndexError(IRMLensError, IndexError):
+    """A residual index ("neuron") or layer is outside the model, or not an integer."""

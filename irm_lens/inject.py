@@ -19,7 +19,7 @@ def inject(
     model: HookedTransformer,
     irm: IRM,
     *,
-    scale: float = 1.0,
+    scale: float | Float[Tensor, "n_injected d_model"] = 1.0,
     on_output: Callable[[Tensor], None] | None = None,
 ) -> Iterator[None]:
     """Add ``irm``'s per-token outputs to ``model``'s residual stream inside a ``with`` block.
@@ -37,7 +37,9 @@ def inject(
     Args:
         model: The host model.
         irm: An IRM built for ``model`` (same d_model and n_layers).
-        scale: Multiplies the IRM's outputs (1.0 = as trained; 0.0 = no effect).
+        scale: Multiplies the IRM's outputs (1.0 = as trained; 0.0 = no effect), or a
+            ``[n_injected, d_model]`` tensor of per-layer, per-index factors (e.g. a mask that
+            keeps only one neuron's output at one layer, as activation patching does).
         on_output: Called with each forward pass's IRM output ``[batch, pos, n_injected,
             d_model]`` (before ``scale``), e.g. for an L1 penalty during training.
 
@@ -51,6 +53,13 @@ def inject(
         if name not in hook_dict:
             raise ShapeMismatchError(f"The model has no hook point named {name!r}.")
 
+    if isinstance(scale, Tensor):
+        expected = (irm.config.n_injected, irm.config.d_model)
+        if tuple(scale.shape) != expected:
+            raise ShapeMismatchError(
+                f"A tensor scale must have shape [n_injected, d_model] = {list(expected)}, got "
+                f"{list(scale.shape)}."
+            )
     # The current forward pass's IRM output lives here, in the context, never on the IRM.
     pass_state: dict[str, Tensor] = {}
     last = irm.config.n_injected - 1
@@ -71,28 +80,32 @@ def inject(
             if i == last:
                 del pass_state["delta"]  # drop the reference so the graph can be freed
             out = delta[:, :, i, :]  # [batch, pos, d_model]
-            if scale != 1.0:
+            if isinstance(scale, Tensor):
+                out = out * scale[i].to(device=out.device, dtype=out.dtype)
+            elif scale != 1.0:
                 out = out * scale
             return resid + out.to(device=resid.device, dtype=resid.dtype)
 
         return write
 
-    hooks = [(irm.config.read_site, read)]
-    hooks += [(name, write_for(i)) for i, name in enumerate(irm.config.hook_names())]
+    # Writes go first at their hook point, so that hooks registered earlier (an ablation, a
+    # patch) still see, and act on, the steered residual; the read goes last, to see theirs.
+    hooks = [(irm.config.read_site, read, False)]
+    hooks += [(name, write_for(i), True) for i, name in enumerate(irm.config.hook_names())]
     added: list[tuple[HookPoint, Callable]] = []
     try:
-        for name, fn in hooks:
+        for name, fn, first in hooks:
             hook_point = hook_dict[name]
-            hook_point.add_hook(fn, dir="fwd", is_permanent=True)
+            hook_point.add_hook(fn, dir="fwd", is_permanent=True, prepend=first)
             added.append((hook_point, fn))
         yield
     finally:
         for hook_point, fn in added:
-            _remove_hook(hook_point, fn)
+            remove_hook(hook_point, fn)
         pass_state.clear()
 
 
-def _remove_hook(hook_point: HookPoint, fn: Callable) -> None:
+def remove_hook(hook_point: HookPoint, fn: Callable) -> None:
     """Remove exactly one of our hooks, leaving every other (permanent or not) in place."""
     kept = []
     for handle in hook_point.fwd_hooks:

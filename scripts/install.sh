@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install irm_lens, its test tools, the embedded model and the offline corpora into the current
-# Python environment.
+# Install irm_lens, its test tools, the embedded model, the offline corpora (and, as root on
+# Debian, headless Chromium) into the current Python environment.
 #
 # torch is installed first and on its own: a bare "torch" requirement would let pip pick a
 # multi-GB CUDA build. Set TORCH_SPEC to choose another build (e.g. TORCH_SPEC="torch" on a
@@ -20,3 +20,9 @@ SOURCES=$("$PY" -c "from irm_lens.models import cache_dir; print(cache_dir() / '
 "$PY" -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$SOURCES"
 # Build the built-in alignment datasets once (~30 s); later uses read them from the cache.
 "$PY" -c "from irm_lens.data.corpora import build_alignments; build_alignments(progress=False)"
+# Headless Chromium (Debian's package) for the browser test of the HTML report. Needs root and
+# apt; elsewhere that one test is skipped, and says how to install Chromium.
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+        || echo "note: could not install Chromium; the report's browser test will be skipped"
+fi

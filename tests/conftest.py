@@ -82,3 +82,21 @@ def embedded_model():
     import irm_lens
 
     return irm_lens.load_model(device="cpu")
+
+
+# Helpers shared by the analysis tests (imported as ``from conftest import ...``).
+PROMPTS = ["The cat sat on the mat.", "Numbers: 1, 2, 3.", "Hello there, friend!"]
+
+
+def planted_irm(model, neuron: int, layers="all", value: float = 3.0):
+    """A linear IRM whose output is the constant ``value`` at ``neuron`` on every layer (and a
+    smaller constant elsewhere on layer 0)."""
+    import irm_lens
+
+    irm = irm_lens.IRM.for_model(model, layers=layers, preset="linear", zero_init_output=True)
+    bias = torch.zeros(irm.config.n_injected, irm.config.d_model)
+    bias[:, neuron] = value
+    bias[0, (neuron + 1) % irm.config.d_model] = value / 3
+    with torch.no_grad():
+        irm.out.bias.copy_(bias.flatten())
+    return irm

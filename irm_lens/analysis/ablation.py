@@ -1,0 +1,323 @@
+"""``irm_lens.ablate``: remove one residual index from the model and measure what it did.
+
+Semantics (the ablated quantity is the residual stream, not an MLP neuron):
+
+- ``mode="zero"`` (default) sets index ``neuron`` of ``blocks.{l}.hook_resid_post`` to 0 for
+  every layer ``l`` (``layers=`` narrows it), on every token;
+- ``mode="mean"`` sets it to its mean at that layer over a reference set of texts;
+- ``mode="resample"`` sets it, token by token, to its value at a random token of the reference
+  set at that layer (seeded).
+
+The ablation acts after an IRM's injection at the same hook point, so under an IRM it removes
+the IRM's push at that index too. Used two ways::
+
+    with irm_lens.ablate(model, neuron=5):          # a context manager on the model
+        model.generate(...)
+
+    result = irm_lens.ablate(model, neuron=5, irm=irm, alignment="anger")   # an AblationResult
+
+Given texts, an IRM or an alignment, ``ablate`` measures instead of returning the context
+manager: the change in loss and the KL to the unablated model on the texts, under the IRM the
+share of its loss gain that the ablation undoes, optionally the change in the alignment's
+emotion score of steered generations, and the same figures for random indices.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal, Sequence, overload
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens import utils as tl_utils
+
+from irm_lens.analysis._common import (
+    Provenance,
+    check_layers,
+    check_neuron,
+    prompts_or_default,
+    random_indices,
+    score_conditions,
+    stacked,
+    text_batches,
+)
+from irm_lens.errors import ConfigError
+from irm_lens.inject import inject, remove_hook
+from irm_lens.irm import IRM
+
+AblationMode = Literal["zero", "mean", "resample"]
+
+
+def reference_activations(
+    model: HookedTransformer, texts: Sequence[str], layers: Sequence[int]
+) -> dict[int, Float[Tensor, "token d_model"]]:
+    """``hook_resid_post`` of ``layers`` on every real token of ``texts``."""
+    names = [tl_utils.get_act_name("resid_post", layer) for layer in layers]
+    acts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    for ids, mask, _ in text_batches(model, texts):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=names)
+        for layer, name in zip(layers, names):
+            acts[layer].append(cache[name][mask.bool()].float().cpu())
+    return {layer: torch.cat(v) for layer, v in acts.items()}
+
+
+class Ablation:
+    """A context manager that ablates one residual index of ``model`` (see the module docs).
+
+    The hooks are permanent TransformerLens hooks (``run_with_cache`` and ``reset_hooks`` leave
+    them alone), removed on exit even after an exception. ``mean`` and ``resample`` read the
+    reference texts once, on first entry.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        neuron: int,
+        *,
+        layers: Sequence[int] | None = None,
+        mode: AblationMode = "zero",
+        reference: Sequence[str] | None = None,
+        seed: int = 0,
+        reference_acts: dict[int, Tensor] | None = None,
+    ):
+        if mode not in ("zero", "mean", "resample"):
+            raise ConfigError(f"mode must be 'zero', 'mean' or 'resample', got {mode!r}.")
+        self.model = model
+        self.neuron = check_neuron(model, neuron)
+        self.layers = check_layers(model, layers)
+        self.mode = mode
+        self.reference = list(prompts_or_default(reference, 32)) if mode != "zero" else None
+        self.seed = seed
+        self._pools: dict[int, Tensor] | None = None
+        if reference_acts is not None:
+            self._pools = {layer: reference_acts[layer][:, self.neuron] for layer in self.layers}
+        self._added: list = []
+
+    def _reference_values(self) -> dict[int, Tensor]:
+        """The index's values over the reference texts' real tokens, per layer."""
+        if self._pools is None:
+            acts = reference_activations(self.model, self.reference, self.layers)
+            self._pools = {layer: a[:, self.neuron] for layer, a in acts.items()}
+        return self._pools
+
+    def __enter__(self) -> Ablation:
+        if self._added:
+            raise RuntimeError("This Ablation is already active; it cannot be entered twice.")
+        index = self.neuron
+        pools = self._reference_values() if self.mode != "zero" else {}
+        gen = torch.Generator().manual_seed(self.seed)
+        for layer in self.layers:
+            if self.mode == "zero":
+                def hook(resid: Tensor, hook) -> Tensor:
+                    resid = resid.clone()
+                    resid[..., index] = 0.0
+                    return resid
+            elif self.mode == "mean":
+                mean = float(pools[layer].mean())
+
+                def hook(resid: Tensor, hook, mean: float = mean) -> Tensor:
+                    resid = resid.clone()
+                    resid[..., index] = mean
+                    return resid
+            else:
+                pool = pools[layer]
+
+                def hook(resid: Tensor, hook, pool: Tensor = pool) -> Tensor:
+                    draw = torch.randint(0, len(pool), resid.shape[:-1], generator=gen)
+                    resid = resid.clone()
+                    resid[..., index] = pool[draw].to(device=resid.device, dtype=resid.dtype)
+                    return resid
+
+            point = self.model.hook_dict[tl_utils.get_act_name("resid_post", layer)]
+            point.add_hook(hook, dir="fwd", is_permanent=True)
+            self._added.append((point, hook))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for point, hook in self._added:
+            remove_hook(point, hook)
+        self._added = []
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    """What ablating ``neuron`` did, against random indices ablated the same way.
+
+    Attributes:
+        neuron, mode, layers: The ablation.
+        table: One row per ablated index (``kind``: ``"target"`` or ``"random"``): ``loss`` and
+            ``delta_loss`` (nats per token, vs the unablated model), ``kl`` (KL(unablated ||
+            ablated) per token); with an IRM, ``irm_loss`` / ``irm_delta_loss`` (the same texts
+            under the IRM) and ``irm_gain_undone`` (share of the IRM's loss gain the ablation
+            removes); with generations, ``emotion`` (the alignment's score of the steered text)
+            and ``delta_emotion`` (vs steered, unablated).
+        baseline: The unablated figures (``loss``, and with an IRM ``irm_loss``, ``emotion``,
+            ``emotion_unsteered``).
+        provenance: Model, IRM and texts.
+    """
+
+    neuron: int
+    mode: str
+    layers: tuple[int, ...]
+    table: pd.DataFrame
+    baseline: dict[str, float]
+    provenance: Provenance
+
+    def summary(self) -> pd.DataFrame:
+        """For each measured column: the target's value, the random indices' mean and max, and
+        the share of random indices at least as large (a permutation-style p-value)."""
+        target = self.table[self.table["kind"] == "target"].iloc[0]
+        rand = self.table[self.table["kind"] == "random"]
+        rows = []
+        for col in ("delta_loss", "kl", "irm_delta_loss", "irm_gain_undone", "delta_emotion"):
+            if col not in self.table:
+                continue
+            values = rand[col].abs() if col == "delta_emotion" else rand[col]
+            value = abs(target[col]) if col == "delta_emotion" else target[col]
+            rows.append(dict(
+                measure=col, target=float(target[col]), random_mean=float(rand[col].mean()),
+                random_max=float(rand[col].max()),
+                random_at_least_target=float((values >= value).mean()) if len(rand) else float("nan"),
+            ))
+        return pd.DataFrame(rows)
+
+
+@overload
+def ablate(model: HookedTransformer, neuron: int, *, layers=..., mode=..., reference=...,
+           seed=...) -> Ablation: ...
+
+
+@overload
+def ablate(model: HookedTransformer, neuron: int, *, texts: Sequence[str], **kwargs) -> AblationResult: ...
+
+
+def ablate(
+    model: HookedTransformer,
+    neuron: int,
+    *,
+    layers: Sequence[int] | None = None,
+    mode: AblationMode = "zero",
+    reference: Sequence[str] | None = None,
+    texts: Sequence[str] | None = None,
+    irm: IRM | None = None,
+    alignment: str | None = None,
+    n_random: int = 8,
+    n_texts: int = 16,
+    generate: bool = False,
+    n_prompts: int = 16,
+    max_new_tokens: int = 24,
+    max_length: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> Ablation | AblationResult:
+    """Ablate residual index ``neuron``: a context manager, or (given texts / an IRM / an
+    alignment) a measured ``AblationResult``.
+
+    Args:
+        model: The host model.
+        neuron: The residual index, in 0..d_model-1 (checked; an index the model lacks raises
+            ``NeuronIndexError`` naming its d_model and indices worth trying).
+        layers: Layers whose ``hook_resid_post`` is ablated (default: all).
+        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
+        reference: Texts for ``mean`` / ``resample`` (default: held-out neutral prompts).
+        texts: Texts whose loss is measured (default: ``n_texts`` of ``alignment``'s texts, or
+            neutral prompts without an alignment).
+        irm: Also measure under this IRM: its loss gain undone, and with ``generate`` the
+            change of the alignment's emotion score.
+        alignment: The IRM's alignment (its texts; its emotion for ``generate``).
+        n_random: Random indices ablated the same way, as the baseline.
+        generate: Generate steered continuations of ``n_prompts`` neutral prompts with each
+            ablation and score the alignment's emotion (slow: ``n_random + 3`` generations).
+    """
+    measuring = texts is not None or irm is not None or alignment is not None
+    if not measuring:
+        return Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
+    target = Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
+    if texts is None:
+        if alignment is not None:
+            from irm_lens.data.corpora import load_alignment
+
+            texts = list(load_alignment(alignment).texts[:n_texts])
+        else:
+            texts = prompts_or_default(None, n_texts)
+    texts = list(texts)
+    if generate and (irm is None or alignment is None):
+        raise ConfigError("generate=True needs an irm and the alignment whose emotion to score.")
+    indices = [target.neuron, *random_indices(model.cfg.d_model, target.neuron, n_random, seed)]
+    # One reading of the reference set serves every index.
+    acts = reference_activations(model, target.reference, target.layers) if mode != "zero" else None
+    ablations = {
+        i: Ablation(model, i, layers=target.layers, mode=mode, reference=target.reference,
+                    seed=seed, reference_acts=acts)
+        for i in indices
+    }
+
+    conditions = {"clean": lambda ids: nullcontext()}
+    for i, a in ablations.items():
+        conditions[f"ablate/{i}"] = lambda ids, a=a: a
+    if irm is not None:
+        conditions["irm"] = lambda ids: inject(model, irm)
+        for i, a in ablations.items():
+            conditions[f"irm+ablate/{i}"] = lambda ids, a=a: stacked(inject(model, irm), a)
+    batches = text_batches(model, texts, max_length=max_length)
+    scores = score_conditions(
+        model, batches, conditions, reference="clean", progress=progress, desc="ablation"
+    ).set_index("condition")
+    baseline = {"loss": float(scores.loc["clean", "loss"])}
+    rows = []
+    for i in indices:
+        loss = float(scores.loc[f"ablate/{i}", "loss"])
+        row = dict(index=i, kind="target" if i == target.neuron else "random", loss=loss,
+                   delta_loss=loss - baseline["loss"], kl=float(scores.loc[f"ablate/{i}", "kl"]))
+        if irm is not None:
+            irm_loss = float(scores.loc["irm", "loss"])
+            abl = float(scores.loc[f"irm+ablate/{i}", "loss"])
+            gain = baseline["loss"] - irm_loss
+            row.update(irm_loss=abl, irm_delta_loss=abl - irm_loss,
+                       irm_gain_undone=(abl - irm_loss) / gain if gain != 0 else float("nan"))
+        rows.append(row)
+    if irm is not None:
+        baseline["irm_loss"] = float(scores.loc["irm", "loss"])
+    table = pd.DataFrame(rows)
+    if generate:
+        emotion, unsteered, base = _emotion_under_ablation(
+            model, irm, alignment, ablations, n_prompts, max_new_tokens, seed, progress
+        )
+        table["emotion"] = [emotion[i] for i in indices]
+        table["delta_emotion"] = table["emotion"] - base
+        baseline.update(emotion=base, emotion_unsteered=unsteered)
+    return AblationResult(
+        target.neuron, mode, target.layers, table, baseline, Provenance.of(model, irm, texts, seed)
+    )
+
+
+def _emotion_under_ablation(model, irm, alignment, ablations, n_prompts, max_new_tokens, seed,
+                            progress):
+    """Mean ``alignment`` score of greedy steered continuations, per ablated index."""
+    from irm_lens.generation import generate_continuations
+    from irm_lens.scoring import emotion_scores
+
+    prompts = prompts_or_default(None, n_prompts)
+    kwargs = dict(max_new_tokens=max_new_tokens, seed=seed)
+
+    def score(conts) -> float:
+        frame = emotion_scores([c.text for c in conts])
+        if alignment not in frame:
+            raise ConfigError(f"{alignment!r} is not a scored emotion: {list(frame.columns)}.")
+        return float(frame[alignment].mean())
+
+    unsteered = score(generate_continuations(model, prompts, **kwargs))
+    base = score(generate_continuations(model, prompts, irm=irm, **kwargs))
+    emotion = {}
+    items = list(ablations.items())
+    from tqdm.auto import tqdm
+
+    for i, a in tqdm(items, desc="steered generations", unit="index", disable=not progress):
+        with a:
+            emotion[i] = score(generate_continuations(model, prompts, irm=irm, **kwargs))
+    return emotion, unsteered, base

@@ -1,0 +1,231 @@
+"""Activation patching of one residual index between the steered and the unsteered model.
+
+The metric is the mean token log-probability of the alignment's texts: the steered model
+(IRM on) assigns them ``logprob_steered``, the unsteered one ``logprob_unsteered``, and the gap
+is what the IRM achieved. For one index, at one layer or at all of them:
+
+- ``into_unsteered`` (denoising): the unsteered run gets the steered value of the index; the
+  effect is the fraction of the gap it restores, ``(lp - lp_unsteered) / gap``;
+- ``into_steered`` (noising): the steered run gets the unsteered value back; the effect is the
+  fraction of the gap it loses, ``(lp_steered - lp) / gap``.
+
+``what="irm"`` patches the IRM's contribution at the index (its output there is switched on in
+the unsteered run, or off in the steered run); ``what="resid"`` patches the residual stream's
+value at ``hook_resid_post`` (which also carries what earlier layers did with the IRM's push).
+The same is done for random indices, so a reader sees whether the chosen one is special.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens import utils as tl_utils
+
+from irm_lens.analysis._common import (
+    Provenance,
+    check_layers,
+    check_neuron,
+    random_indices,
+    score_conditions,
+    stacked,
+    text_batches,
+)
+from irm_lens.errors import ConfigError
+from irm_lens.inject import inject, remove_hook
+from irm_lens.irm import IRM
+
+PatchTarget = Literal["irm", "resid"]
+DIRECTIONS: tuple[str, ...] = ("into_unsteered", "into_steered")
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """Patching one index (and random ones) between the steered and unsteered model.
+
+    Attributes:
+        neuron: The patched index.
+        what: ``"irm"`` (the IRM's contribution) or ``"resid"`` (the residual value).
+        table: One row per patch: ``direction``, ``layer`` (an int, or -1 for all layers at
+            once), ``index``, ``kind`` (``"target"`` or ``"random"``), ``logprob``, ``effect``
+            (fraction of the steering gap restored or lost; see the module docstring).
+        logprob_unsteered, logprob_steered: The two ends of the gap (nats per token).
+        provenance: Model, IRM and texts.
+    """
+
+    neuron: int
+    what: str
+    table: pd.DataFrame
+    logprob_unsteered: float
+    logprob_steered: float
+    provenance: Provenance
+
+    @property
+    def gap(self) -> float:
+        return self.logprob_steered - self.logprob_unsteered
+
+    def summary(self) -> pd.DataFrame:
+        """All-layer patches: the target's effect against the random indices' (mean, max, and
+        the share of random indices whose effect is at least the target's)."""
+        rows = []
+        all_layers = self.table[self.table["layer"] == -1]
+        for direction in DIRECTIONS:
+            part = all_layers[all_layers["direction"] == direction]
+            target = float(part.loc[part["kind"] == "target", "effect"].iloc[0])
+            rand = part.loc[part["kind"] == "random", "effect"]
+            rows.append(dict(
+                direction=direction, target_effect=target,
+                random_mean=float(rand.mean()) if len(rand) else float("nan"),
+                random_max=float(rand.max()) if len(rand) else float("nan"),
+                random_at_least_target=float((rand >= target).mean()) if len(rand) else float("nan"),
+                n_random=len(rand),
+            ))
+        return pd.DataFrame(rows)
+
+
+@contextmanager
+def _set_index(
+    model: HookedTransformer, values: dict[int, Tensor], index: int
+) -> Iterator[None]:
+    """Overwrite residual ``index`` at ``hook_resid_post`` of each layer in ``values`` with the
+    given ``[batch, pos]`` values (permanent hooks, registered last at their points)."""
+    added = []
+    try:
+        for layer, value in values.items():
+            def hook(resid: Tensor, hook, value: Tensor = value) -> Tensor:
+                resid = resid.clone()
+                resid[..., index] = value.to(resid.dtype)
+                return resid
+
+            point = model.hook_dict[tl_utils.get_act_name("resid_post", layer)]
+            point.add_hook(hook, dir="fwd", is_permanent=True)
+            added.append((point, hook))
+        yield
+    finally:
+        for point, hook in added:
+            remove_hook(point, hook)
+
+
+def patch_neuron(
+    model: HookedTransformer,
+    irm: IRM,
+    neuron: int,
+    texts: Sequence[str] | None = None,
+    *,
+    alignment: str | None = None,
+    what: PatchTarget = "irm",
+    layers: Sequence[int] | None = None,
+    n_random: int = 10,
+    random_per_layer: bool = False,
+    n_texts: int = 16,
+    max_length: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch ``neuron`` between the steered and unsteered model, per layer and at all layers.
+
+    Args:
+        model: The host model.
+        irm: The trained IRM.
+        neuron: The residual index.
+        texts: Texts whose log-probability is the metric (default: ``n_texts`` texts of
+            ``alignment``, the IRM's training alignment).
+        alignment: A built-in alignment to take texts from when ``texts`` is None.
+        what: ``"irm"`` or ``"resid"`` (see the module docstring).
+        layers: Layers to patch one at a time (default: the IRM's injected layers for
+            ``"irm"``, every layer for ``"resid"``).
+        n_random: Random indices patched at all layers at once, as a baseline.
+        random_per_layer: Also patch each random index layer by layer (``n_random`` times the
+            per-layer cost).
+    """
+    neuron = check_neuron(model, neuron)
+    irm.check_compatible(model)
+    if what not in ("irm", "resid"):
+        raise ConfigError(f"what must be 'irm' or 'resid', got {what!r}.")
+    if texts is None:
+        if alignment is None:
+            raise ConfigError("Give texts, or the alignment whose texts the metric scores.")
+        from irm_lens.data.corpora import load_alignment
+
+        texts = list(load_alignment(alignment).texts[:n_texts])
+    texts = list(texts)
+    injected = irm.config.layers
+    if layers is None:
+        layers = injected if what == "irm" else tuple(range(model.cfg.n_layers))
+    layers = check_layers(model, layers)
+    if what == "irm" and not set(layers) <= set(injected):
+        raise ConfigError(
+            f"The IRM injects at layers {list(injected)}; it has no contribution to patch at "
+            f"{sorted(set(layers) - set(injected))}."
+        )
+    batches = text_batches(model, texts, max_length=max_length, batch_size=batch_size)
+    randoms = random_indices(model.cfg.d_model, neuron, n_random, seed)
+
+    patches: list[tuple[str, int, int, str]] = []  # (direction, layer or -1, index, kind)
+    for direction in DIRECTIONS:
+        for layer in (-1, *layers):
+            patches.append((direction, layer, neuron, "target"))
+        for r in randoms:
+            for layer in (-1, *layers) if random_per_layer else (-1,):
+                patches.append((direction, layer, r, "random"))
+
+    conditions = {
+        "unsteered": lambda ids: nullcontext(),
+        "steered": lambda ids: inject(model, irm),
+    }
+    for direction, layer, index, _ in patches:
+        chosen = layers if layer == -1 else (layer,)
+        key = f"{direction}/{layer}/{index}"
+        if what == "irm":
+            conditions[key] = _irm_patch(model, irm, index, chosen, direction)
+        else:
+            conditions[key] = _resid_patch(model, irm, index, chosen, direction)
+    scores = score_conditions(
+        model, batches, conditions, progress=progress, desc=f"patching ({what})"
+    ).set_index("condition")["logprob"]
+    lp_off, lp_on = float(scores["unsteered"]), float(scores["steered"])
+    gap = lp_on - lp_off
+    rows = []
+    for direction, layer, index, kind in patches:
+        lp = float(scores[f"{direction}/{layer}/{index}"])
+        effect = (lp - lp_off) / gap if direction == "into_unsteered" else (lp_on - lp) / gap
+        rows.append(dict(direction=direction, layer=layer, index=index, kind=kind,
+                         logprob=lp, effect=effect if gap != 0 else float("nan")))
+    return PatchingResult(
+        neuron, what, pd.DataFrame(rows), lp_off, lp_on, Provenance.of(model, irm, texts, seed)
+    )
+
+
+def _irm_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: str):
+    """Inject the IRM with only (``into_unsteered``) or all but (``into_steered``) its output at
+    ``index`` on ``layers``."""
+    rows = [irm.config.layers.index(layer) for layer in layers]
+    mask = torch.zeros(irm.config.n_injected, irm.config.d_model, device=model.cfg.device)
+    mask[rows, index] = 1.0
+    if direction == "into_steered":
+        mask = 1.0 - mask
+    return lambda ids: inject(model, irm, scale=mask)
+
+
+def _resid_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: str):
+    """Run the source model (steered for ``into_unsteered``, unsteered otherwise), record
+    ``index`` at ``hook_resid_post`` of ``layers``, and write those values into the other."""
+    names = [tl_utils.get_act_name("resid_post", layer) for layer in layers]
+
+    @contextmanager
+    def condition(ids: Tensor) -> Iterator[None]:
+        source_steered = direction == "into_unsteered"
+        with torch.no_grad(), (inject(model, irm) if source_steered else nullcontext()):
+            _, cache = model.run_with_cache(ids, names_filter=names)
+        values = {layer: cache[name][..., index] for layer, name in zip(layers, names)}
+        target = nullcontext() if source_steered else inject(model, irm)
+        with stacked(target, _set_index(model, values, index)):
+            yield
+
+    return condition

@@ -1,0 +1,155 @@
+"""Plotly figures built from result objects. Nothing here computes an analysis: each function
+reads a result (or a run directory's metrics) and draws it.
+
+Text that came from data (run names, tokens) is escaped by the caller's HTML layer when it goes
+into the page; inside figures plotly renders strings as SVG text, never as markup that runs.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import plotly.graph_objects as go
+
+if TYPE_CHECKING:
+    from irm_lens.analysis.ablation import AblationResult
+    from irm_lens.analysis.magnitudes import ActivationMagnitudes
+    from irm_lens.analysis.norms import NormWeights
+    from irm_lens.analysis.outputs import DominantNeurons, IRMOutputs, RunComparison
+    from irm_lens.analysis.patching import PatchingResult
+
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), height=380)
+
+
+def _label(text: object) -> str:
+    """A string shown inside a figure: plotly accepts a little HTML there, so escape it."""
+    return html.escape(str(text), quote=True)
+
+
+def training_curves(history: pd.DataFrame) -> go.Figure:
+    """Training loss per step and validation loss per evaluation."""
+    fig = go.Figure()
+    if "loss" in history:
+        steps = history.dropna(subset=["loss"])
+        fig.add_trace(go.Scatter(x=steps["step"], y=steps["loss"], name="training loss",
+                                 mode="lines", line=dict(width=1)))
+    if "val_loss" in history:
+        val = history.dropna(subset=["val_loss"])
+        fig.add_trace(go.Scatter(x=val["step"], y=val["val_loss"], name="validation loss",
+                                 mode="lines+markers"))
+    fig.update_layout(title="Training", xaxis_title="step", yaxis_title="loss (nats / token)",
+                      **_LAYOUT)
+    return fig
+
+
+def output_heatmap(outputs: IRMOutputs) -> go.Figure:
+    """Mean |IRM output| per injected layer and residual index (zoom to one index)."""
+    z = outputs.mean_abs.numpy()
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(z.shape[1])), y=[str(layer) for layer in outputs.layers],
+        colorscale="Viridis", colorbar=dict(title="mean |out|"),
+        hovertemplate="layer %{y}, neuron %{x}: %{z:.4g}<extra></extra>",
+    ))
+    fig.update_layout(title="IRM output: mean |output| per layer and neuron (drag to zoom)",
+                      xaxis_title="neuron (residual index)", yaxis_title="injected layer",
+                      **{**_LAYOUT, "height": 460})
+    return fig
+
+
+def dominant_bar(dominant: DominantNeurons) -> go.Figure:
+    """Top indices by share of the IRM's |output|, with bootstrap intervals."""
+    t = dominant.table
+    fig = go.Figure(go.Bar(
+        x=[str(n) for n in t["neuron"]], y=t["share"],
+        error_y=dict(type="data", symmetric=False, array=t["share_hi"] - t["share"],
+                     arrayminus=t["share"] - t["share_lo"]),
+        hovertemplate="neuron %{x}: share %{y:.4f}<extra></extra>",
+    ))
+    fig.update_layout(title="Dominant neurons (share of total |output|, 95% bootstrap CI)",
+                      xaxis_title="neuron", yaxis_title="share", xaxis_type="category", **_LAYOUT)
+    return fig
+
+
+def run_overlap(comparison: RunComparison) -> go.Figure:
+    """Pairwise top-k overlap of the runs, as a matrix."""
+    names = list(comparison.runs["run"])
+    index = {n: i for i, n in enumerate(names)}
+    z = [[1.0 if a == b else None for b in names] for a in names]
+    for _, row in comparison.pairs.iterrows():
+        i, j = index[row["run_a"]], index[row["run_b"]]
+        z[i][j] = z[j][i] = float(row["topk_overlap"])
+    labels = [_label(n) for n in names]
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
+                               colorbar=dict(title=f"top-{comparison.k} overlap")))
+    fig.update_layout(title=f"Runs: overlap of their top-{comparison.k} neurons",
+                      **{**_LAYOUT, "height": 420})
+    return fig
+
+
+def norm_ranks(norms: NormWeights, neuron: int) -> go.Figure:
+    """The neuron's |weight| rank in every block's ln1 and ln2 (1 = largest)."""
+    profile = norms.profile(neuron)
+    fig = go.Figure()
+    for name in ("ln1", "ln2"):
+        part = profile[profile["norm"] == name]
+        fig.add_trace(go.Scatter(x=part["layer"], y=part["rank"], name=name, mode="lines+markers"))
+    final = profile[profile["norm"] == "ln_final"]["rank"].iloc[0]
+    fig.add_hline(y=final, line_dash="dot", annotation_text=f"ln_final rank {final}")
+    fig.update_layout(title=f"Neuron {neuron}: RMSNorm weight rank by layer (1 = largest of "
+                      f"{norms.ln1.shape[1]})", xaxis_title="layer", yaxis_title="rank",
+                      yaxis_autorange="reversed", **_LAYOUT)
+    return fig
+
+
+def magnitude_profile(magnitudes: ActivationMagnitudes, neuron: int) -> go.Figure:
+    """The neuron's mean |resid_post| per layer against the layer's median and maximum index."""
+    overall = magnitudes.overall
+    fig = go.Figure()
+    layers = list(range(overall.shape[0]))
+    fig.add_trace(go.Scatter(x=layers, y=overall[:, neuron], name=f"neuron {neuron}",
+                             mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=layers, y=overall.median(1).values, name="median index",
+                             mode="lines"))
+    fig.add_trace(go.Scatter(x=layers, y=overall.max(1).values, name="largest index",
+                             mode="lines", line=dict(dash="dot")))
+    fig.update_layout(title=f"Neuron {neuron}: mean |resid_post| by layer", xaxis_title="layer",
+                      yaxis_title="mean |activation|", yaxis_type="log", **_LAYOUT)
+    return fig
+
+
+def patching_by_layer(patching: PatchingResult) -> go.Figure:
+    """Per-layer patching effect of the neuron, with the random indices' all-layer effects."""
+    t = patching.table
+    fig = go.Figure()
+    for direction, label in (("into_unsteered", "restored (into unsteered)"),
+                             ("into_steered", "lost (into steered)")):
+        part = t[(t["kind"] == "target") & (t["direction"] == direction) & (t["layer"] >= 0)]
+        fig.add_trace(go.Bar(x=part["layer"], y=part["effect"], name=label))
+    for direction, label in (("into_unsteered", "random, restored (all layers)"),
+                             ("into_steered", "random, lost (all layers)")):
+        rand = t[(t["kind"] == "random") & (t["direction"] == direction) & (t["layer"] == -1)]
+        if len(rand):
+            fig.add_hline(y=float(rand["effect"].mean()), line_dash="dot",
+                          annotation_text=label)
+    fig.update_layout(title=f"Patching neuron {patching.neuron} ({patching.what}) per layer: "
+                      "fraction of the steering gap", xaxis_title="layer",
+                      yaxis_title="fraction of gap", barmode="group", **_LAYOUT)
+    return fig
+
+
+def ablation_against_random(ablation: AblationResult, column: str = "delta_loss") -> go.Figure:
+    """The neuron's ablation effect against each random index's."""
+    t = ablation.table
+    rand = t[t["kind"] == "random"]
+    target = t[t["kind"] == "target"]
+    fig = go.Figure()
+    fig.add_trace(go.Box(y=rand[column], name="random indices", boxpoints="all", jitter=0.4,
+                         text=[f"neuron {i}" for i in rand["index"]]))
+    fig.add_trace(go.Scatter(x=["random indices"], y=target[column], mode="markers",
+                             marker=dict(size=14, symbol="star", color="crimson"),
+                             name=f"neuron {ablation.neuron}"))
+    fig.update_layout(title=f"Ablating neuron {ablation.neuron} ({ablation.mode}): {column}",
+                      yaxis_title=column, **_LAYOUT)
+    return fig

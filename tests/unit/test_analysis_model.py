@@ -1,0 +1,251 @@
+"""Norm weights, activation magnitudes, logit attribution, patching and ablation on tiny
+models, each against a hand computation or a property known by construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformer_lens import utils as tl_utils
+
+import irm_lens
+from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
+from irm_lens.errors import NeuronIndexError
+from conftest import PROMPTS, planted_irm
+
+K = 7
+
+
+@pytest.fixture
+def fresh_model(tiny_llama_dir):
+    """A tiny model of its own, free to be modified by the test."""
+    return irm_lens.load_model(tiny_llama_dir, device="cpu")
+
+
+def resid(model, text: str, layer: int) -> torch.Tensor:
+    _, cache = model.run_with_cache(model.to_tokens(text))
+    return cache[tl_utils.get_act_name("resid_post", layer)][0]
+
+
+# --- the one neuron check -------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [64, 1512, -1])
+def test_out_of_range_neuron_names_d_model_and_suggests_indices(tiny_model, bad):
+    with pytest.raises(NeuronIndexError, match="d_model=64") as info:
+        irm_lens.ablate(tiny_model, bad)
+    assert "stand out" in str(info.value)
+    if bad == 1512:
+        assert "d_model > 1512" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [1.0, "7", True, None, torch.tensor(2.0)])
+def test_non_integer_neuron_is_refused(tiny_model, bad):
+    with pytest.raises(NeuronIndexError, match="an int"):
+        irm_lens.ablate(tiny_model, bad)
+
+
+def test_layer_outside_the_model_is_refused(tiny_model):
+    with pytest.raises(NeuronIndexError, match="layers 0..3"):
+        irm_lens.ablate(tiny_model, K, layers=[4])
+
+
+# --- norms and magnitudes --------------------------------------------------------------------
+
+def test_norm_profile_ranks_a_planted_final_norm_weight(fresh_model):
+    with torch.no_grad():
+        fresh_model.ln_final.w[K] = 10.0
+    norms = irm_lens.norm_weights(fresh_model)
+    profile = norms.profile(K).set_index("norm")
+    final = profile.loc["ln_final"]
+    w = fresh_model.ln_final.w.detach().abs()
+    assert final["rank"] == 1 and final["percentile"] == 100.0
+    assert final["ratio_to_median"] == pytest.approx(float(10.0 / w.median()))
+    assert norms.ln1.shape == (4, 64) and len(profile) == 9
+    assert K in norms.outliers(3)["neuron"].tolist()
+
+
+def test_activation_magnitudes_find_a_planted_massive_activation(fresh_model):
+    firsts = {int(fresh_model.to_tokens(p)[0, 0]) for p in PROMPTS}  # BOS if the model adds one
+    with torch.no_grad():
+        for token in firsts:
+            fresh_model.embed.W_E[token, K] = 2000.0
+    mags = irm_lens.activation_magnitudes(fresh_model, PROMPTS, chat=False, progress=False)
+    profile = mags.profile(K)
+    assert (profile["rank"] == 1).all()
+    assert mags.mean_abs[0, :, K].min() > 1000  # first-token class
+    assert mags.massive()["neuron"].eq(K).any()
+    # Hand computation: the overall mean |resid_post| of layer 2 over every real token.
+    values = torch.cat([resid(fresh_model, p, 2).abs() for p in PROMPTS])
+    torch.testing.assert_close(mags.overall[2], values.mean(0), rtol=1e-4, atol=1e-4)
+    assert sum(mags.n_tokens.values()) == values.shape[0]
+    assert mags.n_tokens["first"] == len(PROMPTS)
+
+
+# --- logit attribution -----------------------------------------------------------------------
+
+def test_direct_effect_equals_the_norm_of_the_autograd_jacobian(tiny_model):
+    attr = irm_lens.logit_attribution(tiny_model, K, prompts=PROMPTS[:2], max_new_tokens=0,
+                                      progress=False)
+    final = tl_utils.get_act_name("resid_post", tiny_model.cfg.n_layers - 1)
+
+    def centred_logits(x):
+        logits = tiny_model.unembed(tiny_model.ln_final(x[None, None]))[0, 0]
+        return logits - logits.mean()
+
+    norms = []
+    for prompt in PROMPTS[:2]:
+        _, cache = tiny_model.run_with_cache(tiny_model.to_tokens(prompt))
+        for x in cache[final][0]:
+            jac = torch.autograd.functional.jacobian(centred_logits, x)  # [vocab, d_model]
+            norms.append(jac.norm(dim=0))
+    expected = torch.stack(norms).mean(0)
+    torch.testing.assert_close(attr.direct_effect, expected, rtol=1e-3, atol=1e-5)
+    promoted = attr.promoted["token_id"].iloc[0]
+    w_u = tiny_model.W_U.detach()
+    push = tiny_model.ln_final.w[K].item() * (w_u[K] - w_u[K].mean())
+    assert promoted == int(push.argmax())
+
+
+def test_irm_logit_share_goes_to_the_only_index_it_pushes(tiny_model):
+    irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="linear", zero_init_output=True)
+    with torch.no_grad():
+        irm.out.bias.view(4, 64)[:, K] = 2.0
+    attr = irm_lens.logit_attribution(tiny_model, K, irm, PROMPTS[:2], max_new_tokens=2,
+                                      progress=False)
+    assert attr.irm_share[K] == pytest.approx(1.0, abs=1e-4)
+    assert attr.irm_share_rank == 1
+    comps = attr.components.set_index("component")
+    assert "irm" in comps.index and "embed" in comps.index
+    # Only index K carries the IRM, so all of its attribution goes through K.
+    assert comps.loc["irm", "at_neuron"] == pytest.approx(comps.loc["irm", "attribution"], rel=1e-4)
+
+
+# --- patching --------------------------------------------------------------------------------
+
+def test_patching_the_only_pushed_index_restores_all_and_random_ones_nothing(tiny_model):
+    irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="linear", zero_init_output=True)
+    with torch.no_grad():
+        irm.out.bias.view(4, 64)[:, K] = 3.0
+    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, what="irm", n_random=3,
+                                   progress=False)
+    table = result.table
+    target_all = table[(table["kind"] == "target") & (table["layer"] == -1)]
+    assert target_all["effect"].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    rand = table[table["kind"] == "random"]
+    assert rand["effect"].abs().max() < 1e-5
+    per_layer = table[(table["kind"] == "target") & (table["layer"] >= 0)]
+    assert len(per_layer) == 2 * 4
+    summary = result.summary()
+    assert (summary["random_at_least_target"] == 0).all()
+
+
+def test_resid_patching_at_the_last_layer_is_exact_when_only_that_index_differs(tiny_model):
+    last = tiny_model.cfg.n_layers - 1
+    irm = irm_lens.IRM.for_model(tiny_model, layers=[last], preset="linear", zero_init_output=True)
+    with torch.no_grad():
+        irm.out.bias[K] = 3.0
+    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, what="resid", layers=[last],
+                                   n_random=2, progress=False)
+    table = result.table
+    target = table[(table["kind"] == "target") & (table["layer"] == last)]
+    assert target["effect"].tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert table[table["kind"] == "random"]["effect"].abs().max() < 1e-4
+
+
+# --- ablation --------------------------------------------------------------------------------
+
+def test_zero_ablation_at_one_layer_changes_only_that_index_there(tiny_model):
+    text = PROMPTS[0]
+    clean = resid(tiny_model, text, 1)
+    with irm_lens.ablate(tiny_model, K, layers=[1]):
+        ablated = resid(tiny_model, text, 1)
+        earlier = resid(tiny_model, text, 0)
+    assert (ablated[:, K] == 0).all()
+    others = [i for i in range(64) if i != K]
+    torch.testing.assert_close(ablated[:, others], clean[:, others])
+    torch.testing.assert_close(earlier, resid(tiny_model, text, 0))
+    torch.testing.assert_close(resid(tiny_model, text, 1), clean)  # hooks gone on exit
+
+
+def test_mean_and_resample_ablation_use_the_reference_values(tiny_model):
+    reference = PROMPTS
+    pool = torch.cat([resid(tiny_model, t, 2)[:, K] for t in reference])
+    with irm_lens.ablate(tiny_model, K, layers=[2], mode="mean", reference=reference):
+        meaned = resid(tiny_model, "Something else entirely.", 2)
+    torch.testing.assert_close(meaned[:, K], torch.full_like(meaned[:, K], float(pool.mean())))
+    with irm_lens.ablate(tiny_model, K, layers=[2], mode="resample", reference=reference):
+        drawn = resid(tiny_model, "Something else entirely.", 2)[:, K]
+    assert all(torch.isclose(pool, v, atol=1e-5).any() for v in drawn)
+
+
+def test_ablation_survives_run_with_cache_and_is_removed_after_an_exception(tiny_model):
+    tokens = tiny_model.to_tokens(PROMPTS[1])
+    name = tl_utils.get_act_name("resid_post", 3)
+    with pytest.raises(RuntimeError, match="boom"):
+        with irm_lens.ablate(tiny_model, K):
+            _, cache = tiny_model.run_with_cache(tokens, names_filter=name)
+            assert (cache[name][..., K] == 0).all()
+            raise RuntimeError("boom")
+    assert all(not tiny_model.hook_dict[n].fwd_hooks for n in tiny_model.hook_dict)
+
+
+def test_ablation_entered_before_inject_still_removes_the_irms_push(tiny_model):
+    irm = planted_irm(tiny_model, K)
+    with irm_lens.ablate(tiny_model, K, layers=[1]), irm_lens.inject(tiny_model, irm):
+        ablated = resid(tiny_model, PROMPTS[0], 1)
+    assert (ablated[:, K] == 0).all()
+
+
+def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
+    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
+    data = tokenize_texts(tiny_model, PROMPTS, max_length=64)
+
+    def loss() -> float:
+        total, count = 0.0, 0.0
+        for i in range(len(data)):
+            n = int(data.attention_mask[i].sum())
+            ids, mask = data.input_ids[i : i + 1, :n], data.loss_mask[i : i + 1, :n]
+            w = float(mask[:, 1:].sum())
+            total += float(masked_lm_loss(tiny_model(ids), ids, mask)) * w
+            count += w
+        return total / count
+
+    clean = loss()
+    with irm_lens.ablate(tiny_model, K):
+        ablated = loss()
+    target = result.table.iloc[0]
+    assert target["kind"] == "target" and target["index"] == K
+    assert result.baseline["loss"] == pytest.approx(clean, rel=1e-5)
+    assert target["delta_loss"] == pytest.approx(ablated - clean, rel=1e-4, abs=1e-6)
+    assert (result.table["kl"] >= -1e-7).all() and target["kl"] > 0
+    assert len(result.table) == 4 and set(result.summary()["measure"]) == {"delta_loss", "kl"}
+
+
+def test_measured_ablation_under_an_irm_reports_the_gain_undone(tiny_model):
+    irm = planted_irm(tiny_model, K)
+    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, irm=irm, n_random=2, progress=False)
+    assert {"irm_loss", "irm_delta_loss", "irm_gain_undone"} <= set(result.table)
+    assert "irm_loss" in result.baseline
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(neuron=st.integers(0, 63), layer=st.integers(0, 3), mode=st.sampled_from(["zero", "mean"]))
+def test_ablation_touches_only_the_chosen_index_at_the_chosen_layer(tiny_model, neuron, layer, mode):
+    text = PROMPTS[2]
+    clean = resid(tiny_model, text, layer)
+    with irm_lens.ablate(tiny_model, neuron, layers=[layer], mode=mode, reference=PROMPTS[:2]):
+        ablated = resid(tiny_model, text, layer)
+    others = [i for i in range(64) if i != neuron]
+    torch.testing.assert_close(ablated[:, others], clean[:, others])
+    assert ablated[:, neuron].unique().numel() == 1  # one constant: 0 or the reference mean
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 100), shift=st.floats(-5, 5))
+def test_striation_score_ignores_scale_and_shift(seed, scale, shift):
+    m = torch.rand(5, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    a = irm_lens.striation_score(m, n_shuffles=5)
+    b = irm_lens.striation_score(m * scale + shift, n_shuffles=5)
+    assert b.neuron_share == pytest.approx(a.neuron_share, rel=1e-6)
+    assert b.layer_share == pytest.approx(a.layer_share, rel=1e-6, abs=1e-9)

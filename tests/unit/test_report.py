@@ -1,0 +1,126 @@
+"""The HTML report: self-contained, everything from text escaped, and drawn in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import planted_irm
+
+import irm_lens
+from irm_lens.errors import ConfigError
+from irm_lens.report.html import escape, script_json
+
+HOSTILE = [
+    "<script>window.__pwned = 1</script> What is 2+2?",
+    "\"'><img src=x onerror=\"window.__pwned=2\"> Name a colour.",
+    "</script><script>window.__pwned=3</script>",
+]
+K = 7
+ARTIFACTS = Path(os.environ.get("IRM_LENS_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def report_path(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    irm = planted_irm(tiny_model, K)
+    config = irm_lens.TrainConfig(lr=1e-3, max_steps=2, max_length=16, eval_every=1,
+                                  max_val_batches=1, batch_size=4)
+    texts = [f"{HOSTILE[i % 3]} sample text number {i}" for i in range(40)]
+    run = irm_lens.train(tiny_model, irm_lens.IRM.for_model(tiny_model, preset="linear"), texts,
+                         config, out_dir=tmp / "<script>run", progress=False)
+    outputs = irm_lens.collect_irm_outputs(tiny_model, irm, HOSTILE, max_new_tokens=3,
+                                           per_token=True, progress=False)
+    other = irm_lens.collect_irm_outputs(tiny_model, planted_irm(tiny_model, 20), HOSTILE,
+                                         max_new_tokens=0, progress=False)
+    comparison = irm_lens.compare_runs({"<b>run</b><script>x()</script>": outputs,
+                                        "plain": other}, k=3, n_shuffles=10)
+    dossier = irm_lens.explain(tiny_model, K, irm, "anger", HOSTILE, n_random=2,
+                               max_new_tokens=2, striation_shuffles=10, progress=False)
+    evaluation = irm_lens.evaluate(tiny_model, irm, "anger", HOSTILE, max_new_tokens=4,
+                                   n_bootstrap=50, progress=False)
+    return irm_lens.report(
+        tmp / "report.html", title="Report <script>alert(1)</script>", run_dir=run.out_dir,
+        outputs=outputs, dossier=dossier, comparison=comparison, evaluation=evaluation,
+        notes=["A note with <b>markup</b>."],
+    )
+
+
+def test_report_is_self_contained(report_path):
+    text = report_path.read_text()
+    assert text.count("<script>") >= 2
+    assert len(re.findall(r"<script[^>]*\bsrc\s*=", text)) == 0
+    assert "<link" not in text and "@import" not in text
+    assert text.count("Plotly.newPlot") >= 8
+    assert text.count("define(\"plotly\"") + text.count("plotly.js v") <= 2  # the bundle, once
+
+
+def test_everything_from_text_is_escaped(report_path):
+    text = report_path.read_text()
+    assert "window.__pwned" in text  # the hostile text is there ...
+    for raw in ("<script>window.__pwned", "<img src=x", "<b>markup</b>",
+                "<script>alert(1)</script>", "<b>run</b><script>x()"):
+        assert raw not in text  # ... but never as markup
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in text
+
+
+def test_escape_helpers_are_total():
+    for s in ["<", ">", "&", '"', "'", "</script>", "\u2028"]:
+        assert not set(escape(s)) & set("<>\"'")
+        assert not set(script_json(json.dumps(s))) & set("<>&")
+        assert json.loads(script_json(json.dumps(s))) == s  # JSON reads the escapes back
+
+
+def test_report_needs_something_to_show(tmp_path):
+    with pytest.raises(ConfigError, match="Nothing to report"):
+        irm_lens.report(tmp_path / "r.html")
+    with pytest.raises(ConfigError, match="run.json"):
+        irm_lens.report(tmp_path / "r.html", run_dir=tmp_path)
+
+
+def _chromium_driver():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Headless Chromium is not installed (Debian: apt-get install chromium "
+                    "chromium-driver; scripts/install.sh does it when run as root).")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,2000", "--host-resolver-rules=MAP * ~NOTFOUND",
+                "--proxy-server=http://127.0.0.1:9"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_report_renders_offline_in_headless_chromium(report_path):
+    driver = _chromium_driver()
+    try:
+        driver.set_network_conditions(offline=True, latency=0, download_throughput=0,
+                                      upload_throughput=0)
+        driver.get(report_path.as_uri())
+        driver.implicitly_wait(5)
+        n_figures = driver.execute_script("return document.querySelectorAll('div.figure').length")
+        drawn = driver.execute_script(
+            "return [...document.querySelectorAll('div.figure')]"
+            ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('svg.main-svg')"
+            " && d.querySelectorAll('g.trace, image').length > 0).length")  # data drawn
+        pwned = driver.execute_script("return window.__pwned === undefined ? null : window.__pwned")
+        body = driver.execute_script("return document.body.innerText")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "report.png"))
+        shutil.copy(report_path, ARTIFACTS / "report.html")
+    finally:
+        driver.quit()
+    assert n_figures >= 8 and drawn == n_figures
+    assert pwned is None
+    assert "<script>window.__pwned = 1</script>" in body  # shown as text
+    assert errors == []
