@@ -14,7 +14,8 @@ The public API:
   ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
   ``activation_magnitudes``, ``logit_attribution``, ``patch_neuron``, ``ablate``, and
   ``explain`` (all of them for one index);
-* ``report``: one self-contained HTML file from those results.
+* ``report``: one self-contained HTML file from those results;
+* ``investigate``: the main job, all of the above in one call.
 """
 
 from irm_lens.analysis.ablation import Ablation, AblationResult, ablate
@@ -50,6 +51,7 @@ from irm_lens.errors import (
 )
 from irm_lens.evaluate import EvalResult, evaluate
 from irm_lens.inject import inject
+from irm_lens.investigate import Investigation, InvestigationSettings, investigate
 from irm_lens.irm import IRM, IRM_PRESETS, LAYER_PRESETS, IRMConfig, layer_set
 from irm_lens.models import EMBEDDED_MODEL_NAME, load_model
 from irm_lens.report import report
@@ -78,6 +80,9 @@ __all__ = [
     "logit_attribution",
     "norm_weights",
     "patch_neuron",
+    "Investigation",
+    "InvestigationSettings",
+    "investigate",
     "report",
     "run_sweep",
     "striation_score",

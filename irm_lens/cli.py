@@ -45,6 +45,26 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from irm_lens.investigate import InvestigationSettings, investigate
+
+    start = time.perf_counter()
+    model = _load(args)
+    print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model "
+          f"{model.cfg.d_model}, {args.dtype}, {model.cfg.device}) loaded in "
+          f"{time.perf_counter() - start:.1f} s")
+    settings = InvestigationSettings(
+        alignment=args.alignment, layers=args.layers, preset=args.preset, steps=args.steps,
+        seed=args.seed, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
+        n_random=args.n_random, eval_prompts=args.eval_prompts,
+    )
+    irm = IRM.load(args.irm, model) if args.irm else None
+    result = investigate(model, args.out, settings, irm=irm)
+    print(f"\nreport: {result.report_path.resolve()}")
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = _load(args)
     print(
@@ -237,6 +257,55 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from irm_lens.analysis.dossier import explain
+    from irm_lens.analysis.outputs import collect_irm_outputs, compare_runs, dominant_neurons
+    from irm_lens.evaluate import evaluate
+    from irm_lens.report import report
+
+    model = _load(args)
+    run_dir = Path(args.run)
+    irm = IRM.load(run_dir / "irm.safetensors", model)
+    alignment = args.alignment or _run_alignment(run_dir)
+    outputs = collect_irm_outputs(model, irm, n_prompts=args.n_prompts,
+                                  max_new_tokens=args.max_new_tokens, per_token=True)
+    neuron = args.neuron if args.neuron is not None else dominant_neurons(outputs).top
+    dossier = explain(model, neuron, irm, alignment, n_prompts=args.n_prompts,
+                      n_random=args.n_random, max_new_tokens=args.max_new_tokens)
+    comparison = None
+    if args.sweep:
+        runs = sorted(p.parent for p in Path(args.sweep).glob("*/irm.safetensors"))
+        comparison = compare_runs({
+            d.name: collect_irm_outputs(model, IRM.load(d / "irm.safetensors", model),
+                                        n_prompts=args.n_prompts,
+                                        max_new_tokens=args.max_new_tokens)
+            for d in runs
+        })
+    evaluation = None
+    if args.eval_prompts > 0:
+        evaluation = evaluate(model, irm, alignment, n_prompts=args.eval_prompts,
+                              max_new_tokens=args.max_new_tokens)
+    path = report(args.out, title=args.title or f"irm_lens: {run_dir.name}", run_dir=run_dir,
+                  outputs=outputs, dossier=dossier, comparison=comparison, evaluation=evaluation)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _run_alignment(run_dir) -> str:
+    """The built-in alignment a run directory was trained on (from its run.json)."""
+    import json
+
+    description = json.loads((run_dir / "run.json").read_text())["data"].get("description", "")
+    from irm_lens.data.corpora import BUILTIN_ALIGNMENTS
+
+    if description not in BUILTIN_ALIGNMENTS:
+        raise ConfigError(f"{run_dir} was not trained on a built-in alignment ({description!r}); "
+                          "give --alignment.")
+    return description
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -322,8 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    main_job = sub.add_parser(
+        "run", help="the main job: train an IRM, find and explain its dominant neuron, report"
+    )
+    _add_model_args(main_job)
+    main_job.add_argument("--alignment", default="anger", help="anger, sadness, joy, neutral")
+    main_job.add_argument("--irm", help="investigate this trained IRM instead of training one")
+    main_job.add_argument("--layers", default="all", help="layer set (all, q1..q4, every4, ...)")
+    main_job.add_argument("--preset", default="small", choices=sorted(IRM_PRESETS))
+    main_job.add_argument("--steps", type=int, default=100, help="training steps")
+    main_job.add_argument("--seed", type=int, default=0)
+    main_job.add_argument("--n-prompts", type=int, default=12, help="prompts for the analyses")
+    main_job.add_argument("--max-new-tokens", type=int, default=20)
+    main_job.add_argument("--n-random", type=int, default=4,
+                          help="random indices in the patching / ablation baselines")
+    main_job.add_argument("--eval-prompts", type=int, default=16)
+    main_job.add_argument("--out", default="runs/main", help="run directory and report.html")
+    main_job.set_defaults(func=_cmd_run)
+
     run = sub.add_parser(
-        "run", help="the main job: load the model, inject an IRM, compare generations"
+        "generate", help="inject an IRM (trained or random) and compare generations"
     )
     _add_model_args(run)
     run.add_argument("--irm", help="a saved IRM (.safetensors file or its directory)")
@@ -338,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--save-irm", help="save the IRM used to this path")
     run.add_argument("--out", help="write the generations as JSON here")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train an IRM toward an alignment")
     _add_model_args(tr)
@@ -398,6 +485,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also score the emotion of steered generations under each ablation")
     ex.add_argument("--out", help="directory for the tables (CSV)")
     ex.set_defaults(func=_cmd_explain)
+
+    rep = sub.add_parser("report", help="one self-contained HTML report of a trained run")
+    _add_model_args(rep)
+    rep.add_argument("--run", required=True, help="a training run directory")
+    rep.add_argument("--alignment", help="default: the run's built-in alignment")
+    rep.add_argument("--neuron", type=int, help="default: the IRM's dominant neuron")
+    rep.add_argument("--sweep", help="also compare the runs of this sweep directory")
+    rep.add_argument("--n-prompts", type=int, default=12)
+    rep.add_argument("--max-new-tokens", type=int, default=20)
+    rep.add_argument("--n-random", type=int, default=4)
+    rep.add_argument("--eval-prompts", type=int, default=16, help="0: no generations section")
+    rep.add_argument("--title")
+    rep.add_argument("--out", required=True, help="the HTML file to write")
+    rep.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("evaluate", help="measure an IRM's alignment on held-out neutral prompts")
     _add_model_args(ev)

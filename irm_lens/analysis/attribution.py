@@ -32,7 +32,11 @@ from transformer_lens import HookedTransformer
 from transformer_lens import utils as tl_utils
 
 from irm_lens.analysis._common import (
-    Provenance, check_neuron, prompts_or_default, ranks_descending, right_padded,
+    Provenance,
+    check_neuron,
+    prompts_or_default,
+    ranks_descending,
+    right_padded,
     steered_sequences,
 )
 from irm_lens.inject import inject

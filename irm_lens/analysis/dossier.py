@@ -14,7 +14,11 @@ from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
 from irm_lens.analysis.outputs import (
-    DominantNeurons, IRMOutputs, StriationScore, collect_irm_outputs, dominant_neurons,
+    DominantNeurons,
+    IRMOutputs,
+    StriationScore,
+    collect_irm_outputs,
+    dominant_neurons,
     striation_score,
 )
 from irm_lens.analysis.patching import PatchingResult, patch_neuron
@@ -94,6 +98,7 @@ def explain(
     *,
     n_prompts: int = 16,
     n_random: int = 8,
+    n_texts: int = 16,
     max_new_tokens: int = 16,
     generate: bool = False,
     striation_shuffles: int = 200,
@@ -109,6 +114,7 @@ def explain(
         alignment: The IRM's alignment (texts for patching and ablation losses).
         prompts: Prompts for outputs, magnitudes and attribution (default: held-out neutral).
         n_random: Random indices in the patching and ablation baselines.
+        n_texts: Alignment texts scored by patching and ablation.
         generate: Also measure the ablation's effect on the emotion of steered generations.
     """
     neuron = check_neuron(model, neuron)
@@ -122,10 +128,11 @@ def explain(
         dominant = dominant_neurons(outputs)
         if alignment is not None:
             patching = patch_neuron(model, irm, neuron, alignment=alignment, n_random=n_random,
-                                    progress=progress)
+                                    n_texts=n_texts, progress=progress)
     ablation = ablate(
         model, neuron, irm=irm, alignment=alignment, texts=None if alignment else prompts,
-        n_random=n_random, generate=generate and irm is not None and alignment is not None,
+        n_random=n_random, n_texts=n_texts,
+        generate=generate and irm is not None and alignment is not None,
         progress=progress,
     )
     return NeuronDossier(

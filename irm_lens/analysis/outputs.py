@@ -125,7 +125,7 @@ def collect_irm_outputs(
         batch = rows[start : start + batch_size]
         ids, real = right_padded([p + g for p, g in batch], pad_id)
         keep = real.clone()
-        for i, (p, g) in enumerate(batch):
+        for i, (p, _) in enumerate(batch):
             if tokens == "prompt":
                 keep[i, len(p) :] = False
             elif tokens == "generated":

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
-SMALL = {"IRM_LENS_NB_MAX_NEW_TOKENS": "8"}
+SMALL = {
+    "IRM_LENS_NB_MAX_NEW_TOKENS": "8",
+    "IRM_LENS_NB_STEPS": "2",
+    "IRM_LENS_NB_N_PROMPTS": "3",
+    "IRM_LENS_NB_N_RANDOM": "2",
+    "IRM_LENS_NB_N_TEXTS": "4",
+}
 
 pytestmark = pytest.mark.embedded
 
@@ -23,6 +29,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
 
     for key, value in SMALL.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("IRM_LENS_NB_OUT", str(tmp_path / "runs"))
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=600, kernel_name="python3",

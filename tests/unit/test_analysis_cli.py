@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
+from conftest import PROMPTS, planted_irm
 
 import irm_lens
 from irm_lens.cli import main
-from conftest import PROMPTS, planted_irm
 
 K = 7
 
@@ -58,3 +58,31 @@ def test_explain_command_reports_a_bad_neuron_clearly(tiny_llama_dir, capsys):
                  "1512"])
     assert code == 2
     assert "d_model=64" in capsys.readouterr().err
+
+
+def test_report_command_writes_one_html_file(tiny_llama_dir, tmp_path, capsys):
+    model = ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", *model, "--alignments", "sadness", "--layer-sets", "all,q1",
+                 "--seeds", "0", "--steps", "2", "--max-length", "16", "--eval-every", "2",
+                 "--max-val-batches", "1", "--batch-size", "4", "--out", str(sweep)]) == 0
+    out = tmp_path / "r" / "report.html"
+    assert main(["report", *model, "--run", str(sweep / "sadness-all-nol1-s0"), "--sweep",
+                 str(sweep), "--n-prompts", "3", "--max-new-tokens", "3", "--n-random", "2",
+                 "--eval-prompts", "2", "--out", str(out)]) == 0
+    assert f"report: {out.resolve()}" in capsys.readouterr().out
+    html = out.read_text()
+    assert "Across runs" in html and "Generations with and without the IRM" in html
+    assert "sadness-q1-nol1-s0" in html
+
+
+def test_report_command_needs_the_alignment_of_a_user_data_run(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "t.csv"
+    data.write_text("text\n" + "\n".join(f"row {i} of my data" for i in range(40)))
+    run = tmp_path / "run"
+    model = ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    assert main(["train", *model, "--data", str(data), "--preset", "linear", "--steps", "1",
+                 "--batch-size", "4", "--max-length", "16", "--out", str(run)]) == 0
+    assert main(["report", *model, "--run", str(run), "--out", str(tmp_path / "r.html")]) == 2
+    assert "give --alignment" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PROMPTS, planted_irm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformer_lens import utils as tl_utils
@@ -12,7 +13,6 @@ from transformer_lens import utils as tl_utils
 import irm_lens
 from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
 from irm_lens.errors import NeuronIndexError
-from conftest import PROMPTS, planted_irm
 
 K = 7
 

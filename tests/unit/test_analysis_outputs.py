@@ -6,11 +6,10 @@ import importlib
 
 import pytest
 import torch
+from conftest import PROMPTS, planted_irm
 
 import irm_lens
 from irm_lens.errors import ConfigError
-
-from conftest import PROMPTS, planted_irm
 
 
 def test_striation_score_is_one_for_constant_columns_and_zero_for_constant_rows():

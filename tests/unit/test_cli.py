@@ -14,10 +14,10 @@ from irm_lens import IRM
 from irm_lens.cli import main
 
 
-def test_run_writes_generations_and_the_irm(tiny_llama_dir, tmp_path, capsys):
+def test_generate_writes_generations_and_the_irm(tiny_llama_dir, tmp_path, capsys):
     out, irm_path = tmp_path / "gen.json", tmp_path / "irm"
     code = main([
-        "run", "--model", str(tiny_llama_dir), "--device", "cpu", "--layers", "every2",
+        "generate", "--model", str(tiny_llama_dir), "--device", "cpu", "--layers", "every2",
         "--preset", "linear", "--scale", "5", "--prompt", "Hello", "--prompt", "World",
         "--max-new-tokens", "4", "--out", str(out), "--save-irm", str(irm_path),
     ])
@@ -30,12 +30,12 @@ def test_run_writes_generations_and_the_irm(tiny_llama_dir, tmp_path, capsys):
     assert "IRM off:" in printed and "IRM on:" in printed
 
 
-def test_run_reuses_a_saved_irm(tiny_llama_dir, tmp_path, capsys):
+def test_generate_reuses_a_saved_irm(tiny_llama_dir, tmp_path, capsys):
     import irm_lens
 
     model = irm_lens.load_model(tiny_llama_dir, device="cpu")
     path = IRM.for_model(model, layers=[2], preset="linear").save(tmp_path / "a.safetensors")
-    assert main(["run", "--model", str(tiny_llama_dir), "--device", "cpu", "--irm", str(path),
+    assert main(["generate", "--model", str(tiny_llama_dir), "--device", "cpu", "--irm", str(path),
                  "--prompt", "x", "--max-new-tokens", "2"]) == 0
     assert f"loaded from {path}" in capsys.readouterr().out
 
@@ -78,3 +78,20 @@ def test_train_then_evaluate_from_the_command_line(tiny_llama_dir, tmp_path, cap
                  "--out", str(tmp_path / "eval")]) == 0
     assert "greedy: anger lift" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"samples.csv", "summary.csv", "lift.csv"}
+
+
+def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "main"
+    args = ["run", "--model", str(tiny_llama_dir), "--device", "cpu", "--steps", "2",
+            "--n-prompts", "3", "--max-new-tokens", "3", "--n-random", "2", "--eval-prompts", "3",
+            "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for stage in ("[train]", "[IRM outputs]", "[analyses]", "[evaluation]", "[report]"):
+        assert stage in printed
+    assert "dominant neuron:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
+    html = (out / "report.html").read_text()
+    assert "Neuron " in html and "Generations with and without the IRM" in html
+    stamp = (out / "irm" / "irm.safetensors").stat().st_mtime_ns
+    assert main(args) == 0  # the finished training run is reused, not retrained
+    assert (out / "irm" / "irm.safetensors").stat().st_mtime_ns == stamp
