@@ -29,7 +29,7 @@ from irm_lens.train import TrainConfig, TrainResult, train
 
 @dataclass(frozen=True)
 class InvestigationSettings:
-    """How big each stage is. The defaults fit a 2-core CPU and the embedded model (about 15
+    """How big each stage is. The defaults fit a 2-core CPU and the embedded model (about 7
     minutes, see README); raise them on a GPU (e.g. ``preset="paper"``, more steps and prompts).
     """
 
