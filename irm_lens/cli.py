@@ -208,15 +208,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(result.consensus.to_string(index=False))
     print(f"\nsame top index in every run: {result.same_top1}")
     if args.out:
-        out = Path(args.out)
-        for name in ("runs", "pairs", "consensus"):
-            atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
-        print(f"tables written to {out}")
+        _write_tables(args.out, {n: getattr(result, n) for n in ("runs", "pairs", "consensus")})
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from irm_lens.analysis.dossier import explain
     from irm_lens.analysis.outputs import collect_irm_outputs, dominant_neurons
@@ -245,15 +241,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print("\ntokens a push on this index promotes:")
         print(" ".join(repr(t) for t in dossier.attribution.promoted["token"]))
     if args.out:
-        out = Path(args.out)
-        atomic_write_text(out / "summary.csv", dossier.summary_frame().to_csv())
-        atomic_write_text(out / "norms.csv", dossier.norms.profile(neuron).to_csv(index=False))
-        atomic_write_text(out / "magnitudes.csv",
-                          dossier.magnitudes.profile(neuron).to_csv(index=False))
-        atomic_write_text(out / "ablation.csv", dossier.ablation.table.to_csv(index=False))
+        tables = {
+            "summary": dossier.summary_frame().reset_index(names="measure"),
+            "norms": dossier.norms.profile(neuron),
+            "magnitudes": dossier.magnitudes.profile(neuron),
+            "ablation": dossier.ablation.table,
+        }
         if dossier.patching is not None:
-            atomic_write_text(out / "patching.csv", dossier.patching.table.to_csv(index=False))
-        print(f"tables written to {out}")
+            tables["patching"] = dossier.patching.table
+        _write_tables(args.out, tables)
     return 0
 
 
@@ -307,7 +303,6 @@ def _run_alignment(run_dir) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from irm_lens.evaluate import evaluate
 
@@ -324,10 +319,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(result.lift.round(4).to_string(index=False))
     print(f"\n{result.verdict}")
     if args.out:
-        out = Path(args.out)
-        for name in ("samples", "summary", "lift"):
-            atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
-        print(f"tables written to {out}")
+        _write_tables(args.out, {n: getattr(result, n) for n in ("samples", "summary", "lift")})
     return 0
 
 
@@ -345,6 +337,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         f"train on them with: irm-lens train --synthetic {result.path} ..."
     )
     return 0
+
+
+def _write_tables(out_dir: str, tables: dict) -> None:
+    """Write each DataFrame as ``{name}.csv`` under ``out_dir`` (atomically) and say where."""
+    from pathlib import Path
+
+    for name, frame in tables.items():
+        atomic_write_text(Path(out_dir) / f"{name}.csv", frame.to_csv(index=False))
+    print(f"tables written to {out_dir}")
 
 
 def _pd_options():

@@ -31,12 +31,17 @@ def test_explain_without_an_irm_runs_the_model_only_analyses(tiny_model):
     assert "irm_top_neuron" not in dossier.summary()
 
 
-def test_sweep_compare_and_explain_commands(tiny_llama_dir, tmp_path, capsys):
-    model = ["--model", str(tiny_llama_dir), "--device", "cpu"]
-    sweep = tmp_path / "sweep"
-    assert main(["sweep", *model, "--alignments", "anger", "--layer-sets", "all,q2",
+def tiny_sweep(model: list[str], sweep, alignment: str, layer_sets: str):
+    """Two 2-step runs through ``irm-lens sweep``."""
+    assert main(["sweep", *model, "--alignments", alignment, "--layer-sets", layer_sets,
                  "--seeds", "0", "--steps", "2", "--max-length", "16", "--eval-every", "2",
                  "--max-val-batches", "1", "--batch-size", "4", "--out", str(sweep)]) == 0
+    return sweep
+
+
+def test_sweep_compare_and_explain_commands(tiny_llama_dir, tmp_path, capsys):
+    model = ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    sweep = tiny_sweep(model, tmp_path / "sweep", "anger", "all,q2")
     assert "2 of 2 runs finished" in capsys.readouterr().out
     assert main(["compare", *model, str(sweep), "--k", "3", "--n-prompts", "3",
                  "--max-new-tokens", "2", "--out", str(tmp_path / "cmp")]) == 0
@@ -49,7 +54,7 @@ def test_sweep_compare_and_explain_commands(tiny_llama_dir, tmp_path, capsys):
                  "3", "--n-random", "2", "--out", str(tmp_path / "ex")]) == 0
     printed = capsys.readouterr().out
     assert "the IRM's dominant neuron" in printed and "ablation:" in printed
-    summary = pd.read_csv(tmp_path / "ex" / "summary.csv", index_col=0)
+    summary = pd.read_csv(tmp_path / "ex" / "summary.csv", index_col="measure")
     assert int(summary.loc["neuron", "value"]) == int(summary.loc["irm_top_neuron", "value"])
 
 
@@ -62,10 +67,7 @@ def test_explain_command_reports_a_bad_neuron_clearly(tiny_llama_dir, capsys):
 
 def test_report_command_writes_one_html_file(tiny_llama_dir, tmp_path, capsys):
     model = ["--model", str(tiny_llama_dir), "--device", "cpu"]
-    sweep = tmp_path / "sweep"
-    assert main(["sweep", *model, "--alignments", "sadness", "--layer-sets", "all,q1",
-                 "--seeds", "0", "--steps", "2", "--max-length", "16", "--eval-every", "2",
-                 "--max-val-batches", "1", "--batch-size", "4", "--out", str(sweep)]) == 0
+    sweep = tiny_sweep(model, tmp_path / "sweep", "sadness", "all,q1")
     out = tmp_path / "r" / "report.html"
     assert main(["report", *model, "--run", str(sweep / "sadness-all-nol1-s0"), "--sweep",
                  str(sweep), "--n-prompts", "3", "--max-new-tokens", "3", "--n-random", "2",
