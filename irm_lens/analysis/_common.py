@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from irm_lens.errors import NeuronIndexError
+from irm_lens.errors import ConfigError, NeuronIndexError
 
 
 def check_neuron(model: HookedTransformer, neuron: Any) -> int:
@@ -102,10 +102,8 @@ def prompts_or_default(prompts: Sequence[str] | None, n_prompts: int) -> list[st
 
     if prompts is None:
         return list(neutral_prompts(n_prompts, split="eval"))
-    prompts = [p for p in prompts]
+    prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        from irm_lens.errors import ConfigError
-
         raise ConfigError("prompts must be a non-empty list of non-empty strings.")
     return prompts
 
