@@ -249,3 +249,17 @@ def test_striation_score_ignores_scale_and_shift(seed, scale, shift):
     b = irm_lens.striation_score(m * scale + shift, n_shuffles=5)
     assert b.neuron_share == pytest.approx(a.neuron_share, rel=1e-6)
     assert b.layer_share == pytest.approx(a.layer_share, rel=1e-6, abs=1e-9)
+
+
+def test_measured_ablation_scores_the_emotion_of_steered_generations(tiny_model, monkeypatch):
+    irm = planted_irm(tiny_model, K)
+    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, irm=irm, alignment="anger",
+                             n_random=2, generate=True, n_prompts=3, max_new_tokens=4,
+                             progress=False)
+    assert {"emotion", "delta_emotion"} <= set(result.table)
+    assert {"emotion", "emotion_unsteered"} <= set(result.baseline)
+    row = result.table.iloc[0]
+    assert row["delta_emotion"] == pytest.approx(row["emotion"] - result.baseline["emotion"])
+    assert "delta_emotion" in set(result.summary()["measure"])
+    with pytest.raises(irm_lens.ConfigError, match="generate=True needs"):
+        irm_lens.ablate(tiny_model, K, texts=PROMPTS, generate=True)

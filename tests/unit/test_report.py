@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import planted_irm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import irm_lens
 from irm_lens.errors import ConfigError
@@ -124,3 +127,14 @@ def test_report_renders_offline_in_headless_chromium(report_path):
     assert pwned is None
     assert "<script>window.__pwned = 1</script>" in body  # shown as text
     assert errors == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_escaping_is_total_for_any_text(text):
+    escaped = escape(text)
+    assert not set(escaped) & set("<>\"'")
+    assert html.unescape(escaped) == text
+    inline = script_json(json.dumps(text))
+    assert not set(inline) & set("<>&") and "\u2028" not in inline and "\u2029" not in inline
+    assert json.loads(inline) == text
