@@ -1,4 +1,9 @@
-"""Training killed with SIGKILL part way, then resumed, reaches the same IRM bit for bit."""
+"""Nothing lost: real processes killed with SIGKILL part way, then resumed.
+
+Training reaches the same IRM bit for bit; synthetic data generation keeps every row it had
+written and ends with the file an uninterrupted run writes. (Atomic writes of single files,
+the other half of "nothing lost", are tested where each file is written: see
+docs/reliability.md.)"""
 
 from __future__ import annotations
 
@@ -72,3 +77,55 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_llama_dir, tmp_path):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert metrics("ref") == metrics("killed")
+
+
+SYNTH_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import irm_lens
+    from irm_lens.data.synthetic import generate_synthetic
+    model_dir, out_path, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    model = irm_lens.load_model(model_dir, device="cpu", n_ctx=1024)
+    real = model.generate
+    def slow_generate(tokens, **kwargs):  # gives the test time to kill us mid-run
+        time.sleep(delay)
+        return real(tokens, **kwargs)
+    model.generate = slow_generate
+    questions = [f"What is fact number {i} about rivers?" for i in range(12)]
+    generate_synthetic(model, "sadness", out_path, n_rows=100, questions=questions,
+                       max_new_tokens=5, batch_size=2, min_score=0.0, progress=False)
+    """
+)
+
+
+def _synth(tiny_llama_dir, out_path, delay=0.0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", SYNTH_SCRIPT, str(tiny_llama_dir), str(out_path), str(delay)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_sigkilled_synthetic_generation_keeps_its_rows_and_resumes(tiny_llama_dir, tmp_path):
+    reference = _synth(tiny_llama_dir, tmp_path / "ref.jsonl")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
+    whole = (tmp_path / "ref.jsonl").read_bytes()
+    assert whole.count(b"\n") == 12
+
+    path = tmp_path / "killed.jsonl"
+    victim = _synth(tiny_llama_dir, path, delay=0.5)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 4):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    kept = path.read_bytes()
+    complete = kept[: kept.rfind(b"\n") + 1]
+    assert 4 <= complete.count(b"\n") < 12
+    assert whole.startswith(complete)  # every row written before the kill is intact
+
+    resumed = _synth(tiny_llama_dir, path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    assert path.read_bytes() == whole
