@@ -200,12 +200,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             model, irm, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens
         )
     result = compare_runs(outputs, k=args.k)
-    with _pd_options():
-        print(result.runs.round(4).to_string(index=False))
-        print()
-        print(result.pairs.round(3).to_string(index=False))
-        print()
-        print(result.consensus.to_string(index=False))
+    _print_frames(result.runs, result.pairs, result.consensus)
     print(f"\nsame top index in every run: {result.same_top1}")
     if args.out:
         _write_tables(args.out, {n: getattr(result, n) for n in ("runs", "pairs", "consensus")})
@@ -213,7 +208,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-
     from irm_lens.analysis.dossier import explain
     from irm_lens.analysis.outputs import collect_irm_outputs, dominant_neurons
 
@@ -303,7 +297,6 @@ def _run_alignment(run_dir) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-
     from irm_lens.evaluate import evaluate
 
     model = _load(args)
@@ -313,10 +306,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, n_sampled=args.n_sampled, scale=args.scale,
         seed=args.seed,
     )
-    with _pd_options():
-        print(result.summary.round(4).to_string(index=False))
-        print()
-        print(result.lift.round(4).to_string(index=False))
+    _print_frames(result.summary, result.lift)
     print(f"\n{result.verdict}")
     if args.out:
         _write_tables(args.out, {n: getattr(result, n) for n in ("samples", "summary", "lift")})
@@ -346,6 +336,12 @@ def _write_tables(out_dir: str, tables: dict) -> None:
     for name, frame in tables.items():
         atomic_write_text(Path(out_dir) / f"{name}.csv", frame.to_csv(index=False))
     print(f"tables written to {out_dir}")
+
+
+def _print_frames(*frames) -> None:
+    """Print DataFrames (rounded to 4 digits) one after another, separated by blank lines."""
+    with _pd_options():
+        print("\n\n".join(f.round(4).to_string(index=False) for f in frames))
 
 
 def _pd_options():
