@@ -33,10 +33,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
+    from transformers import AutoModelForCausalLM
+
     import irm_lens
     from irm_lens import models
     from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
-    from transformers import AutoModelForCausalLM
 
     model = irm_lens.load_model(device="cpu", dtype=dtype)
     path = models.embedded_gguf_path()

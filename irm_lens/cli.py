@@ -262,8 +262,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     outputs = collect_irm_outputs(model, irm, n_prompts=args.n_prompts,
                                   max_new_tokens=args.max_new_tokens, per_token=True)
     neuron = args.neuron if args.neuron is not None else dominant_neurons(outputs).top
-    dossier = explain(model, neuron, irm, alignment, n_prompts=args.n_prompts,
-                      n_random=args.n_random, max_new_tokens=args.max_new_tokens)
+    dossier = explain(model, neuron, irm, alignment, list(outputs.prompts),
+                      n_random=args.n_random, max_new_tokens=args.max_new_tokens, outputs=outputs)
     comparison = None
     if args.sweep:
         runs = sorted(p.parent for p in Path(args.sweep).glob("*/irm.safetensors"))

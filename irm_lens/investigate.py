@@ -116,8 +116,9 @@ def investigate(
               f"({dominant.table['share'].iloc[0]:.2%} of the IRM's |output|)")
 
     t = time.perf_counter()
-    dossier = explain(model, dominant.top, irm, s.alignment, n_prompts=s.n_prompts,
-                      n_random=s.n_random, max_new_tokens=s.max_new_tokens, progress=progress)
+    dossier = explain(model, dominant.top, irm, s.alignment, list(outputs.prompts),
+                      n_random=s.n_random, max_new_tokens=s.max_new_tokens, outputs=outputs,
+                      progress=progress)
     stage("analyses", t)
 
     t = time.perf_counter()

@@ -76,11 +76,14 @@ def check_layers(model: HookedTransformer, layers: Iterable[int] | None) -> tupl
 def standout_indices(model: HookedTransformer, k: int = 5) -> list[int]:
     """The ``k`` indices whose RMSNorm weights are furthest above their norm's median, summed
     over every norm of the model (a cheap pointer, computed from the weights alone)."""
-    scores = torch.zeros(model.cfg.d_model)
-    for w in _norm_weight_list(model):
-        w = w.detach().float().abs().cpu()
-        scores += w / w.median().clamp_min(1e-12)
+    scores = norm_ratios(_norm_weight_list(model)).sum(0)
     return scores.topk(min(k, scores.numel())).indices.tolist()
+
+
+def norm_ratios(weights: Sequence[Tensor]) -> Float[Tensor, "norm neuron"]:
+    """Each norm's |weight| over that norm's median |weight|, one row per norm."""
+    rows = [w.detach().float().abs().cpu() for w in weights]
+    return torch.stack([w / w.median().clamp_min(1e-30) for w in rows])
 
 
 def _norm_weight_list(model: HookedTransformer) -> list[Tensor]:
@@ -195,6 +198,8 @@ def score_conditions(
     """
     import torch.nn.functional as F
 
+    from irm_lens.data.dataset import masked_lm_loss
+
     names = list(conditions)
     if reference is not None and reference not in conditions:
         raise KeyError(f"reference {reference!r} is not one of the conditions {names}.")
@@ -212,14 +217,15 @@ def score_conditions(
         for name in order:
             with torch.no_grad(), conditions[name](ids):
                 logits = model(ids)
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [batch, pos-1, vocab]
-            token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
-            nll[name] += float(-(token_logp * weight).sum())
-            if name == reference:
-                ref_logp = logp
-            elif ref_logp is not None:
-                per_pos = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-                kl[name] += float((per_pos * weight).sum())
+            # The one shift-and-mask convention of the project: masked_lm_loss.
+            nll[name] += float(masked_lm_loss(logits, ids, loss_mask.to(device))) * float(weight.sum())
+            if reference is not None:
+                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [batch, pos-1, vocab]
+                if name == reference:
+                    ref_logp = logp
+                else:
+                    per_pos = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+                    kl[name] += float((per_pos * weight).sum())
             bar.update()
     bar.close()
     rows = []

@@ -102,6 +102,7 @@ def explain(
     max_new_tokens: int = 16,
     generate: bool = False,
     striation_shuffles: int = 200,
+    outputs: IRMOutputs | None = None,
     progress: bool = True,
 ) -> NeuronDossier:
     """Run every analysis for ``neuron`` (under ``irm`` and ``alignment`` when given).
@@ -116,13 +117,18 @@ def explain(
         n_random: Random indices in the patching and ablation baselines.
         n_texts: Alignment texts scored by patching and ablation.
         generate: Also measure the ablation's effect on the emotion of steered generations.
+        outputs: ``irm``'s outputs when the caller has already collected them (on the same
+            prompts), so that the steered generations are not run twice.
     """
     neuron = check_neuron(model, neuron)
     prompts = prompts_or_default(prompts, n_prompts)
-    outputs = striation = dominant = patching = None
-    if irm is not None:
-        outputs = collect_irm_outputs(model, irm, prompts, max_new_tokens=max_new_tokens,
-                                      progress=progress)
+    striation = dominant = patching = None
+    if irm is None:
+        outputs = None
+    else:
+        if outputs is None:
+            outputs = collect_irm_outputs(model, irm, prompts, max_new_tokens=max_new_tokens,
+                                          progress=progress)
         if len(irm.config.layers) > 1:
             striation = striation_score(outputs, n_shuffles=striation_shuffles)
         dominant = dominant_neurons(outputs)

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from irm_lens.analysis._common import check_neuron, ranks_descending
+from irm_lens.analysis._common import check_neuron, norm_ratios, ranks_descending
 from irm_lens.errors import UnsupportedArchitectureError
 
 
@@ -66,7 +66,7 @@ class NormWeights:
     def outliers(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` indices whose |weight| is furthest above the median, summed over all norms
         (``score``: the sum over norms of |w[i]| / median |w|), with their largest single ratio."""
-        ratios = torch.stack([w.abs() / w.abs().median().clamp_min(1e-30) for _, _, w in self.items()])
+        ratios = norm_ratios([w for _, _, w in self.items()])
         score = ratios.sum(0)
         top = score.topk(min(k, score.numel())).indices.tolist()
         return pd.DataFrame([

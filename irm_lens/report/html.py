@@ -197,15 +197,17 @@ def report(
         page.para(f"{len(outputs.prompts)} prompts, {sum(outputs.n_tokens)} tokens "
                   f"({outputs.tokens}); layers {list(outputs.layers)}.", css="meta")
         page.figure(figures.output_heatmap(outputs))
+        # The dossier already holds these statistics when it was made from the same outputs.
+        same = dossier is not None and dossier.outputs is outputs
         if len(outputs.layers) > 1:
-            s = striation_score(outputs)
+            s = dossier.striation if same else striation_score(outputs)
             page.para(
                 f"Striation score (share of variance explained by the neuron index): "
                 f"{s.neuron_share:.3f}; layer share {s.layer_share:.3f}; shuffled null "
                 f"{s.null_mean:.3f} ± {s.null_std:.3f}; p = {s.p_value:.3g} "
                 f"({s.n_shuffles} shuffles)."
             )
-        dom = dominant_neurons(outputs)
+        dom = dossier.dominant if same else dominant_neurons(outputs)
         page.figure(figures.dominant_bar(dom))
         page.table(dom.table)
         if outputs.per_token is not None:
