@@ -14,6 +14,8 @@ The public API:
   ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
   ``activation_magnitudes``, ``logit_attribution``, ``patch_neuron``, ``ablate``, and
   ``explain`` (all of them for one index);
+* ``predict_dominant``: the index a trained IRM will rely on, forecast from the frozen model
+  alone, and ``validate_prediction`` / ``check_prediction`` to score it against trained IRMs;
 * ``report``: one self-contained HTML file from those results;
 * ``investigate``: the main job, all of the above in one call.
 """
@@ -34,6 +36,13 @@ from irm_lens.analysis.outputs import (
     striation_score,
 )
 from irm_lens.analysis.patching import PatchingResult, patch_neuron
+from irm_lens.analysis.prediction import (
+    Prediction,
+    PredictionCheck,
+    check_prediction,
+    predict_dominant,
+    validate_prediction,
+)
 from irm_lens.analysis.sweeps import SweepRun, run_sweep, sweep_runs
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, load_alignment, neutral_prompts
 from irm_lens.data.dataset import load_texts, split_texts
@@ -68,6 +77,8 @@ __all__ = [
     "NeuronIndexError",
     "NormWeights",
     "PatchingResult",
+    "Prediction",
+    "PredictionCheck",
     "RunComparison",
     "StriationScore",
     "SweepRun",
@@ -80,6 +91,9 @@ __all__ = [
     "logit_attribution",
     "norm_weights",
     "patch_neuron",
+    "predict_dominant",
+    "check_prediction",
+    "validate_prediction",
     "Investigation",
     "InvestigationSettings",
     "investigate",

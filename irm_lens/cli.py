@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -128,10 +129,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     l1 = paper_l1(irm.config) if args.l1 == "paper" else float(args.l1)
     config = _train_config(args, l1=l1)
     source = args.synthetic or args.data or args.alignment
-    print(f"training a {irm.config.n_params:,}-parameter IRM on {source} "
-          f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # torchrun
+    say(f"training a {irm.config.n_params:,}-parameter IRM on {source} "
+        f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
     result = train(model, irm, data, config, out_dir=args.out, resume=not args.no_resume)
-    print(
+    say(
         f"{result.stop_reason}; {result.steps} steps in {result.wall_time_s:.0f} s\n"
         f"validation loss {result.baseline_val_loss:.4f} without the IRM -> "
         f"{result.best_val_loss:.4f} with it (step {result.best_step}; perplexity "
@@ -204,6 +206,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"\nsame top index in every run: {result.same_top1}")
     if args.out:
         _write_tables(args.out, {n: getattr(result, n) for n in ("runs", "pairs", "consensus")})
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from irm_lens.analysis.prediction import predict_dominant, validate_prediction
+
+    if args.model_name:
+        if args.model and args.model != args.model_name:
+            raise ConfigError(f"Two models given: {args.model_name!r} and --model {args.model!r}.")
+        args.model = args.model_name
+    model = _load(args)
+    if args.validate:
+        check, predictions = validate_prediction(
+            model, args.validate, train=args.train, alignments=args.alignments.split(","),
+            layer_sets=args.layer_sets.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+            k=args.k, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
+            n_texts=args.n_texts,
+        )
+        first = next(iter(predictions.values()))
+        _print_frames(first.table(args.k), check.runs, check.summary)
+        print(f"\npredicted top index = observed top index in {check.hits()} of "
+              f"{len(predictions)} runs")
+        if args.out:
+            _write_tables(args.out, {"runs": check.runs, "summary": check.summary})
+        return 0
+    texts = None
+    if args.texts:
+        from irm_lens.data.dataset import load_texts
+
+        texts = load_texts(args.texts, text_column=args.text_column)
+    prediction = predict_dominant(
+        model, texts, args.k, alignment=args.alignment, layers=args.layers, n_texts=args.n_texts,
+        batch_size=args.batch_size, max_length=args.max_length,
+    )
+    table = prediction.table(args.k)
+    _print_frames(table)
+    print("\n" + prediction.summary())
+    if args.out:
+        _write_tables(args.out, {"prediction": prediction.table(model.cfg.d_model)})
     return 0
 
 
@@ -470,6 +511,31 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--max-new-tokens", type=int, default=16)
     cmp_.add_argument("--out", help="directory for runs.csv, pairs.csv, consensus.csv")
     cmp_.set_defaults(func=_cmd_compare)
+
+    pr = sub.add_parser(
+        "predict", help="name the index an IRM will rely on, from the frozen model alone"
+    )
+    pr.add_argument("model_name", nargs="?", metavar="MODEL",
+                    help="model name or path (same as --model)")
+    _add_model_args(pr)
+    pr.add_argument("--alignment", help="use this built-in alignment's texts (default: neutral)")
+    pr.add_argument("--texts", help="a .csv/.jsonl/.parquet file of texts instead")
+    pr.add_argument("--text-column", default="text")
+    pr.add_argument("--layers", default="all", help="the injected layers (all, q1..q4, every4, ...)")
+    pr.add_argument("--k", type=int, default=5, help="indices to show")
+    pr.add_argument("--n-texts", type=int, default=256, help="texts sampled from an alignment")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--max-length", type=int, default=64)
+    pr.add_argument("--validate", metavar="SWEEP_DIR",
+                    help="score the forecast against the IRMs of this sweep directory")
+    pr.add_argument("--train", action="store_true", help="with --validate: train missing runs")
+    pr.add_argument("--alignments", default="anger,sadness", help="with --validate: the grid")
+    pr.add_argument("--layer-sets", default="all,every4", help="with --validate: the grid")
+    pr.add_argument("--seeds", default="0,1", help="with --validate: the grid")
+    pr.add_argument("--n-prompts", type=int, default=16, help="with --validate: prompts per run")
+    pr.add_argument("--max-new-tokens", type=int, default=16, help="with --validate")
+    pr.add_argument("--out", help="directory for the tables (CSV)")
+    pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("explain", help="every analysis of one residual index (a dossier)")
     _add_model_args(ex)

@@ -108,8 +108,32 @@ class LlamaSpec:
 
 
 def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``"cuda"`` when a GPU is visible (under ``torchrun``, ``cuda:{LOCAL_RANK}``), else ``"cpu"``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local_rank)}" if local_rank is not None else "cuda"
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus ``<unk> <s> </s> <pad>``.
+
+    For models built from a shape alone (random weights: tests, the Llama-2-7B-shaped scripts in
+    ``bench/``), which have no tokenizer of their own; its 260 ids fit any vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return _reloadable(PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    ))
 
 
 def cache_dir() -> Path:
@@ -404,8 +428,30 @@ def _reloadable(tokenizer: Any) -> Any:
     source = tokenizer.init_kwargs.get("name_or_path") or ""
     if source and (Path(source) / "tokenizer_config.json").is_file():
         return tokenizer
-    directory = tempfile.mkdtemp(prefix="irm_lens_tokenizer.")
-    tokenizer.save_pretrained(directory)
+    # One directory per distinct tokenizer, in the cache (it must outlive the model, and a
+    # temporary directory per load would pile up); a temporary one if the cache is read-only.
+    parent = cache_dir() / "tokenizers"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=parent))
+    except OSError:
+        directory = tempfile.mkdtemp(prefix="irm_lens_tokenizer.")
+        tokenizer.save_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory)
+    try:
+        tokenizer.save_pretrained(staging)
+        digest = hashlib.sha256()
+        for path in sorted(staging.iterdir()):
+            digest.update(path.name.encode() + path.read_bytes())
+        directory = parent / digest.hexdigest()[:16]
+        if not (directory / "tokenizer_config.json").is_file():
+            shutil.rmtree(directory, ignore_errors=True)  # a partial leftover
+            try:
+                staging.rename(directory)
+            except OSError:  # another process got there first
+                pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(directory)
 
 

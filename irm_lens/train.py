@@ -11,6 +11,10 @@ A run directory holds everything needed to continue after an interruption:
 
 Resuming from a checkpoint gives the same IRM as an uninterrupted run: the data order of each
 epoch is a pure function of (seed, epoch), and everything else that evolves is in the checkpoint.
+
+Under ``torchrun`` the same function trains data-parallel (``irm_lens.distributed``): the same
+global batches, gradients averaged by DDP, files written by rank 0, resumable with another
+number of processes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from irm_lens.data.dataset import (
     split_texts,
     tokenize_texts,
 )
+from irm_lens.distributed import Ranks
 from irm_lens.errors import CheckpointError, ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM, IRMConfig
@@ -57,7 +62,8 @@ class TrainConfig:
 
     Attributes:
         lr: Adam learning rate (paper: 1e-4).
-        batch_size: Sequences per step (paper: 8 per GPU).
+        batch_size: Sequences per step, over all processes when distributed (the global
+            batch; paper: 8 per GPU on 2 GPUs).
         max_length: Tokens per sequence, BOS included (paper: 128).
         max_epochs: Upper bound on epochs (paper: 15).
         max_steps: Upper bound on optimizer steps (None: epochs decide).
@@ -203,13 +209,22 @@ def train(
     Returns:
         A ``TrainResult``; ``result.irm`` is ``irm`` loaded with the best weights.
 
+    Under ``torchrun`` (or in a process group the caller started) each process trains its
+    share of every global batch and DDP averages the gradients: see ``irm_lens.distributed``.
+    Every rank returns the same result; only rank 0 writes to ``out_dir``.
+
     Example:
         >>> result = irm_lens.train(model, irm, "anger", TrainConfig(max_steps=300),
         ...                         out_dir="runs/anger")  # doctest: +SKIP
     """
-    lock = _RunLock(Path(out_dir)) if out_dir is not None else nullcontext()
-    with lock:
-        return _train(model, irm, data, config, out_dir=out_dir, resume=resume, progress=progress)
+    ranks = Ranks.setup(model.cfg.device)
+    try:
+        lock = _RunLock(Path(out_dir)) if out_dir is not None and ranks.main else nullcontext()
+        with lock:
+            return _train(model, irm, data, config, out_dir=out_dir, resume=resume,
+                          progress=progress, ranks=ranks)
+    finally:
+        ranks.close()
 
 
 def _train(
@@ -221,9 +236,11 @@ def _train(
     out_dir: str | Path | None,
     resume: bool,
     progress: bool,
+    ranks: Ranks,
 ) -> TrainResult:
     start = time.perf_counter()
     irm.check_compatible(model)
+    rank_batch = ranks.check_batch(config.batch_size)
     splits = _as_splits(data, config.seed)
     prompts = None
     if config.chat_prompts:
@@ -245,6 +262,7 @@ def _train(
     )
     state = _LoopState()
     run = _RunDir(Path(out_dir)) if out_dir is not None else None
+    writer = run if ranks.main else None  # only rank 0 writes
     provenance = {
         "model": model.cfg.model_name,
         "irm_config": irm.config.to_dict(),
@@ -260,27 +278,31 @@ def _train(
         },
     }
     if run is not None:
-        resumed = run.prepare(provenance, resume)
+        resumed = ranks.broadcast(run.prepare(provenance, resume) if ranks.main else None)
         if resumed is not None:
             run.restore(resumed, irm, optimizer, scheduler, state)
             logger.info("Resuming %s from step %d.", run.path, state.step)
+            if (state.stop_reason and state.step < total_steps
+                    and state.bad_evals < config.patience
+                    and not state.stop_reason.startswith("non-finite")):
+                state.stop_reason = ""  # a finished run given a longer budget continues
 
     if math.isnan(state.baseline_val_loss):
-        state.baseline_val_loss = _val_loss(model, None, val_tok, config)
-        _log(run, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
+        state.baseline_val_loss = _val_loss(model, None, val_tok, config, ranks)
+        _log(writer, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
+    forward_irm = ranks.wrap(irm)  # what the training forward calls: DDP when distributed
 
     penalty = {"l1": torch.zeros((), device=device)}
     best_weights: dict[str, Tensor] | None = None  # in-memory runs keep the best IRM here
     bar = tqdm(total=total_steps, initial=state.step, desc="training IRM", unit="step",
-               disable=not progress)
+               disable=not progress or not ranks.main)
     epoch_order: dict[int, Tensor] = {}
     while state.step < total_steps and not state.stop_reason:
         epoch, i = divmod(state.step, steps_per_epoch)
         if epoch not in epoch_order:
             epoch_order.clear()
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            epoch_order[epoch] = torch.randperm(len(train_tok), generator=generator)
-        index = epoch_order[epoch][i * config.batch_size : (i + 1) * config.batch_size]
+            epoch_order[epoch] = ranks.epoch_order(len(train_tok), config.seed * 1_000_003, epoch)
+        index = epoch_order[epoch][i * rank_batch : (i + 1) * rank_batch]
         ids, mask, scored = (t.to(model.cfg.device) for t in batch_slice(train_tok, index))
 
         def capture(out: Tensor, mask: Tensor = mask) -> None:
@@ -288,11 +310,18 @@ def _train(
                 per_token = out.abs().sum(dim=(-1, -2))  # [batch, pos]
                 penalty["l1"] = (per_token * mask).sum() / mask.sum()
 
-        with inject(model, irm, on_output=capture):
+        with inject(model, forward_irm, on_output=capture):
             logits = model(ids)  # [batch, pos, d_vocab]
         lm_loss = masked_lm_loss(logits, ids, scored)
-        loss = lm_loss + config.l1 * penalty["l1"] if config.l1 > 0 else lm_loss
-        if not torch.isfinite(loss):
+        lm_weight, l1_weight = _rank_weights(ranks, scored[:, 1:].sum(), mask.sum())
+        loss = lm_loss * lm_weight
+        if config.l1 > 0:
+            loss = loss + config.l1 * penalty["l1"] * l1_weight
+        # the global batch's losses (token-weighted over ranks), for the log and the check
+        global_lm = float(ranks.sum(lm_loss.detach() * lm_weight)) / ranks.world_size
+        global_l1 = float(ranks.sum(penalty["l1"].detach() * l1_weight)) / ranks.world_size
+        global_loss = global_lm + config.l1 * global_l1
+        if not math.isfinite(global_loss):
             state.stop_reason = _roll_back(run, irm, state.step)
             break
         optimizer.zero_grad(set_to_none=True)
@@ -302,23 +331,23 @@ def _train(
         optimizer.step()
         scheduler.step()
         state.step += 1
-        record = {"step": state.step, "epoch": epoch, "loss": loss.item(),
-                  "lm_loss": lm_loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+        record = {"step": state.step, "epoch": epoch, "loss": global_loss, "lm_loss": global_lm,
+                  "lr": optimizer.param_groups[0]["lr"]}
         if config.l1 > 0:
-            record["l1_norm"] = penalty["l1"].item()
-        _log(run, record)
+            record["l1_norm"] = global_l1
+        _log(writer, record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", best_val=f"{state.best_val_loss:.3f}")
 
         last = state.step == total_steps
         if state.step % eval_every == 0 or last:
-            val = _val_loss(model, irm, val_tok, config)
-            _log(run, {"step": state.step, "val_loss": val, "val_perplexity": math.exp(val)})
+            val = _val_loss(model, irm, val_tok, config, ranks)
+            _log(writer, {"step": state.step, "val_loss": val, "val_perplexity": math.exp(val)})
             if val < state.best_val_loss:
                 state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
-                if run is not None:
-                    irm.save(run.best_irm)
-                else:
+                if writer is not None:
+                    irm.save(writer.best_irm)  # every rank reads it back at the end
+                elif run is None:
                     best_weights = {k: v.detach().clone() for k, v in irm.state_dict().items()}
             else:
                 state.bad_evals += 1
@@ -329,9 +358,10 @@ def _train(
                     )
         if last and not state.stop_reason:
             state.stop_reason = f"reached {total_steps} steps"
-        if run is not None and (state.step % config.checkpoint_every == 0 or state.stop_reason):
-            run.save_checkpoint(irm, optimizer, scheduler, state, config.keep_checkpoints)
+        if writer is not None and (state.step % config.checkpoint_every == 0 or state.stop_reason):
+            writer.save_checkpoint(irm, optimizer, scheduler, state, config.keep_checkpoints)
     bar.close()
+    ranks.barrier()  # rank 0's files are complete before any rank reads them
     if not state.stop_reason:  # resumed a run that had already finished
         state.stop_reason = f"reached {total_steps} steps"
 
@@ -340,8 +370,9 @@ def _train(
     elif best_weights is not None:
         irm.load_state_dict(best_weights)
     history = run.history() if run is not None else pd.DataFrame()
-    if run is not None:
-        atomic_write_text(run.path / "metrics.csv", history.to_csv(index=False))
+    if writer is not None:
+        atomic_write_text(writer.path / "metrics.csv", history.to_csv(index=False))
+    ranks.barrier()
     return TrainResult(
         irm=irm,
         out_dir=run.path if run is not None else None,
@@ -365,14 +396,30 @@ def _as_splits(data: TextSplits | Iterable[str] | str, seed: int) -> TextSplits:
     return split_texts(list(data), seed=seed)
 
 
+def _rank_weights(ranks: Ranks, n_scored: Tensor, n_real: Tensor) -> tuple[float, float]:
+    """Factors on this rank's token-mean LM loss and L1 penalty such that DDP's average of the
+    ranks' gradients is the gradient of the global batch's token means (1.0 when single)."""
+    if not ranks.distributed:
+        return 1.0, 1.0
+    counts = ranks.sum(torch.stack([n_scored.detach().double().cpu(), n_real.detach().double().cpu()]))
+    w = ranks.world_size
+    return (w * float(n_scored) / max(float(counts[0]), 1.0),
+            w * float(n_real) / max(float(counts[1]), 1.0))
+
+
 @torch.no_grad()
-def _val_loss(model: HookedTransformer, irm: IRM | None, data: TokenizedTexts, config: TrainConfig) -> float:
-    """Token-weighted mean cross-entropy over the validation split (with the IRM when given)."""
+def _val_loss(
+    model: HookedTransformer, irm: IRM | None, data: TokenizedTexts, config: TrainConfig,
+    ranks: Ranks | None = None,
+) -> float:
+    """Token-weighted mean cross-entropy over the validation split (with the IRM when given);
+    when distributed, each rank scores every ``world_size``-th batch and the sums are reduced."""
+    ranks = ranks or Ranks()
     total, count = 0.0, 0
     n_batches = math.ceil(len(data) / config.batch_size)
     if config.max_val_batches is not None:
         n_batches = min(n_batches, config.max_val_batches)
-    for b in range(n_batches):
+    for b in range(ranks.rank, n_batches, ranks.world_size):
         index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(data)))
         ids, _, scored = (t.to(model.cfg.device) for t in batch_slice(data, index))
         if irm is None:
@@ -383,6 +430,8 @@ def _val_loss(model: HookedTransformer, irm: IRM | None, data: TokenizedTexts, c
         n = int(scored[:, 1:].sum())
         total += masked_lm_loss(logits, ids, scored).item() * n
         count += n
+    if ranks.distributed:
+        total, count = ranks.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
 
 

@@ -29,23 +29,10 @@ TINY = dict(
 
 
 def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus 4 specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level tokenizer with 256 byte tokens plus 4 specials (``irm_lens.models``)."""
+    from irm_lens.models import byte_level_tokenizer
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return byte_level_tokenizer()
 
 
 def save_tiny_llama(directory: Path, seed: int = 0, **overrides) -> Path:

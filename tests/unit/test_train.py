@@ -110,7 +110,7 @@ def test_early_stopping_keeps_the_best_irm(tiny_model, monkeypatch):
     losses = iter([5.0, 1.0, 2.0, 3.0, 4.0, 5.0])  # baseline, then worse after the first eval
     snapshots = []
 
-    def fake_val_loss(model, irm, data, config):
+    def fake_val_loss(model, irm, data, config, ranks=None):
         if irm is not None:
             snapshots.append({k: v.clone() for k, v in irm.state_dict().items()})
         return next(losses)
@@ -166,3 +166,18 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tiny_model, tmp_p
         with pytest.raises(ConfigError, match="Another process is training"):
             train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
     train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+
+
+def test_a_finished_run_given_more_steps_continues_to_the_same_irm(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    config = replace(CONFIG, eval_every=100, checkpoint_every=100)  # no evaluation in between
+    straight = train(tiny_model, _irm(tiny_model), TEXTS, replace(config, max_steps=6),
+                     progress=False)
+    first = train(tiny_model, _irm(tiny_model), TEXTS, replace(config, max_steps=3),
+                  out_dir=tmp_path, progress=False)
+    assert first.steps == 3 and first.stop_reason == "reached 3 steps"
+    more = train(tiny_model, _irm(tiny_model, seed=9), TEXTS, replace(config, max_steps=6),
+                 out_dir=tmp_path, progress=False)
+    assert more.steps == 6 and more.stop_reason == "reached 6 steps"
+    assert _same(more.irm, straight.irm)
