@@ -457,22 +457,27 @@ def _reloadable(tokenizer: Any) -> Any:
 
 def _build(
     spec: LlamaSpec,
-    state_dict: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor] | Path,
     tokenizer: Any,
     dtype: torch.dtype,
     device: str,
 ) -> HookedTransformer:
+    """A HookedTransformer of ``spec`` holding ``weights``: a TransformerLens state dict, or the
+    path of a cache entry's safetensors file (streamed into the model, see ``_copy_weights``)."""
     model = HookedTransformer(
         spec.hooked_config(dtype, device), tokenizer=_reloadable(tokenizer), move_to_device=False
     )
-    model.load_and_process_state_dict(
-        {k: v.to(dtype) for k, v in state_dict.items()},
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
+    if isinstance(weights, Path):
+        _copy_weights(model, weights)
+    else:
+        model.load_and_process_state_dict(
+            {k: v.to(dtype) for k, v in weights.items()},
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            refactor_factored_attn_matrices=False,
+        )
     return model.to(device)
 
 
@@ -492,29 +497,79 @@ def _load_gguf(
 
     entry = cache_dir() / "models" / file_sha256(path)[:32]
     try:
-        spec, state_dict = _read_cache(entry)
+        spec = _read_cache(entry)
         tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
+        if n_ctx is not None and n_ctx != spec.n_ctx:
+            spec = LlamaSpec(**{**asdict(spec), "n_ctx": n_ctx})
+        return _build(spec, entry / "model.safetensors", tokenizer, dtype, device)
     except (OSError, CheckpointError, ValueError, KeyError, TypeError) as exc:
         if entry.exists():
             logger.warning("Converted-model cache at %s is unusable (%s); converting again.", entry, exc)
-        spec, state_dict, tokenizer = _convert_gguf(path, model_name, entry)
+    spec, state_dict, tokenizer = _convert_gguf(path, model_name, entry)
     if n_ctx is not None and n_ctx != spec.n_ctx:
         spec = LlamaSpec(**{**asdict(spec), "n_ctx": n_ctx})
     return _build(spec, state_dict, tokenizer, dtype, device)
 
 
-def _read_cache(entry: Path) -> tuple[LlamaSpec, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def _read_cache(entry: Path) -> LlamaSpec:
+    """The architecture recorded in a cache entry (its weights are read by ``_build``)."""
     meta = json.loads((entry / "spec.json").read_text())
     if meta.get("format") != _CACHE_FORMAT:
         raise CheckpointError(f"cache format {meta.get('format')} != {_CACHE_FORMAT}")
-    spec = LlamaSpec(**meta["spec"])
+    return LlamaSpec(**meta["spec"])
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+def _copy_weights(model: HookedTransformer, path: Path) -> None:
+    """Fill ``model``'s parameters from a safetensors file of exactly its parameters.
+
+    Each tensor's bytes are read straight into its parameter (through a temporary tensor only
+    when the dtypes differ), so the file is never held, or memory-mapped, beside the model:
+    peak memory is the model plus at most one tensor. The header is validated first (JSON
+    only, nothing unpickled): every parameter present with its shape, byte ranges in the file.
+    """
+    params = dict(model.named_parameters())
     try:
-        state_dict = load_file(entry / "model.safetensors")
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"unreadable weights: {exc}") from exc
-    return spec, state_dict
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n_header = int.from_bytes(f.read(8), "little")
+            if not 0 < n_header <= min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n_header})")
+            header = json.loads(f.read(n_header))
+            header.pop("__metadata__", None)
+            if set(header) != set(params):
+                raise CheckpointError(
+                    f"{path} does not hold this model's parameters ({len(set(params) - set(header))} "
+                    f"missing, {len(set(header) - set(params))} unexpected)"
+                )
+            base = 8 + n_header
+            for name in sorted(header):
+                info, param = header[name], params[name]
+                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+                begin, stop = (int(x) for x in info["data_offsets"])
+                if dtype is None or list(info["shape"]) != list(param.shape):
+                    raise CheckpointError(
+                        f"{path}: {name} is {info.get('dtype')} {info.get('shape')}, the model "
+                        f"expects {list(param.shape)}"
+                    )
+                n_bytes = param.numel() * dtype.itemsize
+                if stop - begin != n_bytes or base + stop > size or begin < 0:
+                    raise CheckpointError(f"{path}: {name}'s byte range is inconsistent")
+                target = param.data if dtype == param.dtype else torch.empty(param.shape, dtype=dtype)
+                f.seek(base + begin)
+                view = target.view(-1).view(torch.uint8).numpy()
+                if f.readinto(memoryview(view)) != n_bytes:
+                    raise CheckpointError(f"{path}: {name} is truncated")
+                if target is not param.data:
+                    param.data.copy_(target)  # cast to the model's dtype
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"unreadable weights in {path}: {exc}") from exc
 
 
 def _convert_gguf(

@@ -198,3 +198,40 @@ def test_spec_json_is_plain(tiny_llama_dir):
     spec = _spec_from_hf(AutoConfig.from_pretrained(tiny_llama_dir), byte_tokenizer(), "t", None)
     json.dumps(spec.__dict__)
     assert spec.n_ctx == TINY["max_position_embeddings"]
+
+
+def test_cache_weights_stream_into_the_model_and_bad_files_are_refused(tiny_model, tmp_path):
+    """The cache's reader: exact in fp32, cast for bf16, and a specific error for a file that
+    does not match the model (missing tensor, wrong shape, truncated)."""
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer
+
+    from irm_lens import models
+    from irm_lens.errors import CheckpointError
+
+    params = {k: v.detach().contiguous() for k, v in tiny_model.named_parameters()}
+    good = tmp_path / "good.safetensors"
+    save_file(params, str(good))
+
+    def fresh(dtype):
+        return HookedTransformer(tiny_model.cfg.to_dict() | {"dtype": dtype}, move_to_device=False)
+
+    copy = fresh(torch.float32)
+    models._copy_weights(copy, good)
+    assert all(torch.equal(p, params[k]) for k, p in copy.named_parameters())
+    half = fresh(torch.bfloat16)
+    models._copy_weights(half, good)
+    assert half.W_E.dtype == torch.bfloat16 and torch.equal(half.W_E, params["embed.W_E"].bfloat16())
+
+    missing = tmp_path / "missing.safetensors"
+    save_file({k: v for k, v in params.items() if k != "unembed.W_U"}, str(missing))
+    with pytest.raises(CheckpointError, match="1 missing"):
+        models._copy_weights(fresh(torch.float32), missing)
+    reshaped = tmp_path / "reshaped.safetensors"
+    save_file({**params, "embed.W_E": params["embed.W_E"][:-1].contiguous()}, str(reshaped))
+    with pytest.raises(CheckpointError, match="embed.W_E"):
+        models._copy_weights(fresh(torch.float32), reshaped)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="byte range|truncated"):
+        models._copy_weights(fresh(torch.float32), truncated)
