@@ -224,7 +224,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             k=args.k, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
             n_texts=args.n_texts,
         )
-        first = next(iter(predictions.values()))
+        name, first = next(iter(predictions.items()))
+        print(f"forecast for {name} (each run is forecast from its alignment's texts and layers):")
         _print_frames(first.table(args.k), check.runs, check.summary)
         print(f"\npredicted top index = observed top index in {check.hits()} of "
               f"{len(predictions)} runs")
