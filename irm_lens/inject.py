@@ -65,9 +65,12 @@ def inject(
     last = irm.config.n_injected - 1
 
     def read(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> None:
-        pass_state["delta"] = irm(resid)  # [batch, pos, n_injected, d_model]
+        delta = irm(resid)  # [batch, pos, n_injected, d_model]
         if on_output is not None:
-            on_output(pass_state["delta"])
+            on_output(delta)
+        # One unbind for all layers: its backward stacks the layers' gradients once, where a
+        # select per layer would fill a zero tensor of the whole output for each layer.
+        pass_state["delta"] = delta.unbind(dim=2)  # n_injected x [batch, pos, d_model]
 
     def write_for(i: int) -> Callable[[Tensor, HookPoint], Tensor]:
         def write(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
@@ -79,7 +82,7 @@ def inject(
                 )
             if i == last:
                 del pass_state["delta"]  # drop the reference so the graph can be freed
-            out = delta[:, :, i, :]  # [batch, pos, d_model]
+            out = delta[i]  # [batch, pos, d_model]
             if isinstance(scale, Tensor):
                 out = out * scale[i].to(device=out.device, dtype=out.dtype)
             elif scale != 1.0:
