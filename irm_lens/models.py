@@ -445,11 +445,13 @@ def _reloadable(tokenizer: Any) -> Any:
             digest.update(path.name.encode() + path.read_bytes())
         directory = parent / digest.hexdigest()[:16]
         if not (directory / "tokenizer_config.json").is_file():
-            shutil.rmtree(directory, ignore_errors=True)  # a partial leftover
             try:
-                staging.rename(directory)
-            except OSError:  # another process got there first
+                staging.rename(directory)  # atomic; refused if another process got there first
+            except OSError:
                 pass
+        if not (directory / "tokenizer_config.json").is_file():  # damaged by hand: go around it
+            directory = Path(tempfile.mkdtemp(prefix="irm_lens_tokenizer."))
+            tokenizer.save_pretrained(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(directory)
