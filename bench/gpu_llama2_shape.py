@@ -45,6 +45,19 @@ def build(spec, device: str, dtype: torch.dtype):
     return model
 
 
+def irm_step(model, irm, optimizer, ids, loss_mask) -> None:
+    """One IRM training step as ``irm_lens.train`` takes it: inject, masked LM loss, backward,
+    Adam on the IRM (shared with ``train_step.py``)."""
+    import irm_lens
+    from irm_lens.data.dataset import masked_lm_loss
+
+    with irm_lens.inject(model, irm):
+        loss = masked_lm_loss(model(ids), ids, loss_mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes on CPU (smoke test)")
@@ -56,7 +69,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import irm_lens
-    from irm_lens.data.dataset import masked_lm_loss
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if device == "cuda":
@@ -86,11 +98,7 @@ def main() -> None:
             for step in range(args.steps + 2):
                 sync()
                 t = time.perf_counter()
-                with irm_lens.inject(model, irm):
-                    loss = masked_lm_loss(model(ids), ids, mask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                irm_step(model, irm, opt, ids, mask)
                 sync()
                 if step >= 2:  # warm-up excluded
                     times.append(time.perf_counter() - t)

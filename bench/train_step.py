@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from gpu_llama2_shape import irm_step
 
 
 def main() -> None:
@@ -60,11 +61,7 @@ def main() -> None:
 
     def step_lens() -> float:
         t = time.perf_counter()
-        with irm_lens.inject(model, irm_a):
-            loss = masked_lm_loss(model(ids), ids, mask)
-        opt_a.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_a.step()
+        irm_step(model, irm_a, opt_a, ids, mask)
         return time.perf_counter() - t
 
     layers = hf.model.layers

@@ -497,20 +497,26 @@ def _load_gguf(
 ) -> HookedTransformer:
     from transformers import AutoTokenizer
 
+    def with_n_ctx(spec: LlamaSpec) -> LlamaSpec:
+        if n_ctx is None or n_ctx == spec.n_ctx:
+            return spec
+        return LlamaSpec(**{**asdict(spec), "n_ctx": n_ctx})
+
     entry = cache_dir() / "models" / file_sha256(path)[:32]
     try:
         spec = _read_cache(entry)
         tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
-        if n_ctx is not None and n_ctx != spec.n_ctx:
-            spec = LlamaSpec(**{**asdict(spec), "n_ctx": n_ctx})
-        return _build(spec, entry / "model.safetensors", tokenizer, dtype, device)
     except (OSError, CheckpointError, ValueError, KeyError, TypeError) as exc:
-        if entry.exists():
-            logger.warning("Converted-model cache at %s is unusable (%s); converting again.", entry, exc)
+        problem: Exception = exc
+    else:
+        try:  # only a damaged weights file (CheckpointError) sends us back to conversion
+            return _build(with_n_ctx(spec), entry / "model.safetensors", tokenizer, dtype, device)
+        except CheckpointError as exc:
+            problem = exc
+    if entry.exists():
+        logger.warning("Converted-model cache at %s is unusable (%s); converting again.", entry, problem)
     spec, state_dict, tokenizer = _convert_gguf(path, model_name, entry)
-    if n_ctx is not None and n_ctx != spec.n_ctx:
-        spec = LlamaSpec(**{**asdict(spec), "n_ctx": n_ctx})
-    return _build(spec, state_dict, tokenizer, dtype, device)
+    return _build(with_n_ctx(spec), state_dict, tokenizer, dtype, device)
 
 
 def _read_cache(entry: Path) -> LlamaSpec:

@@ -318,8 +318,8 @@ def _train(
         if config.l1 > 0:
             loss = loss + config.l1 * penalty["l1"] * l1_weight
         # the global batch's losses (token-weighted over ranks), for the log and the check
-        global_lm = float(ranks.sum(lm_loss.detach() * lm_weight)) / ranks.world_size
-        global_l1 = float(ranks.sum(penalty["l1"].detach() * l1_weight)) / ranks.world_size
+        local = torch.stack([lm_loss.detach() * lm_weight, penalty["l1"].detach() * l1_weight])
+        global_lm, global_l1 = (ranks.sum(local.double().cpu()) / ranks.world_size).tolist()
         global_loss = global_lm + config.l1 * global_l1
         if not math.isfinite(global_loss):
             state.stop_reason = _roll_back(run, irm, state.step)

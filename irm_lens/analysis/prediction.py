@@ -130,11 +130,12 @@ class Prediction:
         grad_rank, mag_rank = ranks_descending(grad), ranks_descending(mag)
         final_rank = ranks_descending(final)
         median = scores.median().clamp_min(1e-30)
+        push = self.push_sign
         rows = []
         for rank, n in enumerate(self.indices(k), start=1):
             rows.append(dict(
                 rank=rank, neuron=n, score=float(scores[n]), x_median=float(scores[n] / median),
-                push="+" if self.push_sign[n] > 0 else "-", grad_rank=int(grad_rank[n]),
+                push="+" if push[n] > 0 else "-", grad_rank=int(grad_rank[n]),
                 magnitude_ratio=float(mag[n]), magnitude_rank=int(mag_rank[n]),
                 block_norm_ratio=float(blocks[:, n].median()) if len(blocks) else float("nan"),
                 final_norm_ratio=float(final[n]), final_norm_rank=int(final_rank[n]),
@@ -302,10 +303,12 @@ def check_prediction(
                 f"Run {name}: observed mass has {mass.shape[0]} indices, the prediction "
                 f"{pred.scores.shape[0]}."
             )
-        rows.append(_agreement(name, "predicted", pred.scores, mass, k))
-        rows.append(_agreement(name, "magnitude", pred.magnitude_scores, mass, k))
+        run = _Observed(name, int(mass.argmax()), set(mass.topk(k).indices.tolist()),
+                        ranks_descending(mass), mass)
+        rows.append(_agreement(run, "predicted", pred.scores, k))
+        rows.append(_agreement(run, "magnitude", pred.magnitude_scores, k))
         chance = pd.DataFrame([
-            _agreement(name, "random", torch.rand(mass.shape[0], generator=gen), mass, k)
+            _agreement(run, "random", torch.rand(mass.shape[0], generator=gen), k)
             for _ in range(n_random)
         ])
         rows.append({
@@ -321,17 +324,27 @@ def check_prediction(
     return PredictionCheck(runs=runs, summary=summary, k=k)
 
 
-def _agreement(run: str, ranking: str, values: Tensor, mass: Tensor, k: int) -> dict:
-    """One row of ``PredictionCheck.runs``: how ``values`` ranks against the observed ``mass``."""
-    top = int(mass.argmax())
+@dataclass(frozen=True)
+class _Observed:
+    """What a trained run did, computed once for all the rankings it is compared with."""
+
+    name: str
+    top: int
+    top_k: set[int]
+    ranks: Tensor  # 1-based rank of each index by mass
+    mass: Tensor
+
+
+def _agreement(run: _Observed, ranking: str, values: Tensor, k: int) -> dict:
+    """One row of ``PredictionCheck.runs``: how ``values`` ranks against the run's mass."""
     order = torch.argsort(values, descending=True, stable=True)
     return {
-        "run": run, "ranking": ranking, "observed_top": top, "top": int(order[0]),
-        "top1": float(int(order[0]) == top),
-        "topk_overlap": float(len(set(mass.topk(k).indices.tolist()) & set(order[:k].tolist()))),
-        "spearman": spearman(values, mass),
-        "rank_of_observed_top": int((order == top).nonzero()[0]) + 1,
-        "observed_rank_of_top": int(ranks_descending(mass)[order[0]]),
+        "run": run.name, "ranking": ranking, "observed_top": run.top, "top": int(order[0]),
+        "top1": float(int(order[0]) == run.top),
+        "topk_overlap": float(len(run.top_k & set(order[:k].tolist()))),
+        "spearman": spearman(values, run.mass),
+        "rank_of_observed_top": int((order == run.top).nonzero()[0]) + 1,
+        "observed_rank_of_top": int(run.ranks[order[0]]),
     }
 
 
