@@ -34,7 +34,9 @@ def llama2_7b_spec(tiny: bool):
 def build(spec, device: str, dtype: torch.dtype):
     from transformer_lens import HookedTransformer
 
-    model = HookedTransformer(spec.hooked_config(dtype, device))
+    from irm_lens.attention import set_attention
+
+    model = set_attention(HookedTransformer(spec.hooked_config(dtype, device)), "sdpa")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".w") and ("ln" in name):

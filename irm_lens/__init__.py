@@ -44,6 +44,7 @@ from irm_lens.analysis.prediction import (
     validate_prediction,
 )
 from irm_lens.analysis.sweeps import SweepRun, run_sweep, sweep_runs
+from irm_lens.attention import set_attention
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, load_alignment, neutral_prompts
 from irm_lens.data.dataset import load_texts, split_texts
 from irm_lens.data.synthetic import generate_synthetic, read_synthetic
@@ -128,6 +129,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedArchitectureError",
     "inject",
+    "set_attention",
     "layer_set",
     "load_model",
 ]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from irm_lens.attention import AttentionKind, set_attention
 from irm_lens._io import atomic_write_json
 from irm_lens._packages import package_file
 from irm_lens.errors import (
@@ -162,6 +163,7 @@ def load_model(
     hf_model: Any = None,
     tokenizer: Any = None,
     first_n_layers: int | None = None,
+    attention: AttentionKind = "sdpa",
 ) -> HookedTransformer:
     """Load a Llama-architecture model as a frozen ``HookedTransformer``.
 
@@ -183,6 +185,11 @@ def load_model(
         hf_model: An already loaded ``LlamaForCausalLM`` to convert instead of reading weights.
         tokenizer: The tokenizer to use with ``hf_model`` (required with it).
         first_n_layers: Official path only: load just the first n layers (for smoke tests).
+        attention: ``"sdpa"`` (default) computes attention with one fused
+            ``scaled_dot_product_attention`` call whenever a block's ``hook_attn_scores`` and
+            ``hook_pattern`` are not hooked, and with TransformerLens's explicit computation when
+            they are; ``"eager"`` always uses the explicit computation. See
+            ``irm_lens.attention``.
 
     Returns:
         The frozen ``HookedTransformer``.
@@ -202,6 +209,8 @@ def load_model(
         raise ConfigError(f"n_ctx must be a positive integer, got {n_ctx}.")
     if hf_model is not None and tokenizer is None:
         raise ConfigError("load_model(hf_model=...) also needs tokenizer=... for that model.")
+    if attention not in ("sdpa", "eager"):
+        raise ConfigError(f"attention must be 'sdpa' or 'eager', got {attention!r}.")
 
     if name_or_path is None:
         model = _load_gguf(embedded_gguf_path(), dtype, device, n_ctx, EMBEDDED_MODEL_NAME)
@@ -235,6 +244,7 @@ def load_model(
                 model = _load_hf_checkpoint(
                     name, dtype, device, n_ctx, local_only=not allow_download
                 )
+    set_attention(model, attention)
     model.eval()
     model.requires_grad_(False)
     return model
