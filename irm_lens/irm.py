@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -304,7 +305,11 @@ class IRM(nn.Module):
                 f"{tuple(resid.shape)}."
             )
         x = resid.to(self.out.weight.dtype)
-        flat = self.out(self.hidden(x)) * self.config.output_scale  # [batch, pos, n_inj*d_model]
+        # A bf16 host (fp16 on CUDA) runs the IRM's matmuls in its own precision; the IRM's
+        # weights, their gradients and Adam's state stay in the weights' dtype (mixed precision).
+        low = resid.dtype == torch.bfloat16 or (resid.dtype == torch.float16 and resid.is_cuda)
+        with torch.autocast(resid.device.type, dtype=resid.dtype) if low else nullcontext():
+            flat = self.out(self.hidden(x)) * self.config.output_scale  # [batch, pos, n_inj*d_model]
         return flat.unflatten(-1, (self.config.n_injected, self.config.d_model))
 
     def check_compatible(self, model: HookedTransformer) -> None:

@@ -226,8 +226,9 @@ def masked_lm_loss(
     Position t predicts token t+1: the one and only shift. Token t+1 counts when
     ``loss_mask[t+1]`` is 1; padding (and, for chat examples, the prompt) never does.
     """
-    pred = logits[:, :-1].float()  # [batch, pos-1, d_vocab]
-    target = input_ids[:, 1:]  # [batch, pos-1]
-    weight = loss_mask[:, 1:].to(pred.dtype)
-    nll = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none")
+    # The targets are shifted, not the logits: slicing [batch, pos, d_vocab] would copy it (and
+    # its gradient) once more. The last position predicts nothing: target 0 with weight 0.
+    target = F.pad(input_ids[:, 1:], (0, 1))  # [batch, pos]
+    weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
     return (nll * weight.flatten()).sum() / weight.sum().clamp_min(1.0)

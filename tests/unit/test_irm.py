@@ -106,6 +106,20 @@ def test_zero_init_output_gives_zero_outputs():
     assert torch.count_nonzero(out) == 0
 
 
+def test_bf16_input_runs_the_matmuls_in_bf16_with_fp32_weights_and_grads():
+    torch.manual_seed(0)
+    irm = IRM(_config())
+    resid = torch.randn(2, 5, 16)
+    full = irm(resid)
+    low = irm(resid.bfloat16())
+    assert full.dtype == torch.float32 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.05)
+    assert not torch.equal(low, full.bfloat16())  # computed in bf16, not computed in fp32 and cast
+    low.float().sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in irm.parameters())
+
+
 def test_forward_refuses_wrong_width():
     with pytest.raises(ShapeMismatchError, match="d_model=16"):
         IRM(_config())(torch.randn(1, 3, 17))
