@@ -116,7 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = _load(args)
     torch.manual_seed(args.seed)
     irm = IRM.for_model(
-        model, layers=args.layers, preset=args.preset, zero_init_output=args.zero_init
+        model, layers=args.layers, preset=args.preset, zero_init_output=args.zero_init,
+        steer=args.steer,
     )
     if args.synthetic:
         from irm_lens.data.synthetic import read_synthetic
@@ -476,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
     tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
     tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
+    tr.add_argument("--steer", default="all", choices=["all", "reply"],
+                    help="steer every position, or only a chat reply's (needs --chat)")
     tr.add_argument("--l1", default="0", help="L1 coefficient on IRM outputs, or 'paper'")
     tr.add_argument("--seed", type=int, default=42)
     _add_optimisation_args(tr)

@@ -89,7 +89,10 @@ def generate_continuations(
                 f"exceeds the model's context of {model.cfg.n_ctx} tokens. Lower "
                 "max_new_tokens, or load the model with a larger n_ctx."
             )
-        context = inject(model, irm, scale=scale) if irm is not None else nullcontext()
+        context = nullcontext()
+        if irm is not None:
+            positions = "generated" if irm.config.steer == "reply" else None
+            context = inject(model, irm, scale=scale, positions=positions)
         # Seeded per batch, without disturbing the caller's random streams.
         with context, torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed + start)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from irm_lens.errors import ShapeMismatchError
+from irm_lens.errors import ConfigError, ShapeMismatchError
 from irm_lens.irm import IRM
 
 
@@ -21,6 +22,7 @@ def inject(
     *,
     scale: float | Float[Tensor, "n_injected d_model"] = 1.0,
     on_output: Callable[[Tensor], None] | None = None,
+    positions: Float[Tensor, "batch pos"] | Literal["generated"] | None = None,
 ) -> Iterator[None]:
     """Add ``irm``'s per-token outputs to ``model``'s residual stream inside a ``with`` block.
 
@@ -41,7 +43,14 @@ def inject(
             ``[n_injected, d_model]`` tensor of per-layer, per-index factors (e.g. a mask that
             keeps only one neuron's output at one layer, as activation patching does).
         on_output: Called with each forward pass's IRM output ``[batch, pos, n_injected,
-            d_model]`` (before ``scale``), e.g. for an L1 penalty during training.
+            d_model]`` (after ``positions``, before ``scale``), e.g. for an L1 penalty.
+        positions: Which positions are steered. ``None``: all. A ``[batch, pos]`` 0/1 tensor:
+            those positions of a forward pass of that shape (training on chat examples with
+            ``IRMConfig.steer="reply"``). ``"generated"``: in a pass over several positions only
+            the last one, and every position of a one-token pass, which under cached decoding
+            (``generate`` with the KV cache, left padding) steers exactly the position that
+            predicts the first new token and every new token, while the prompt is read
+            unsteered.
 
     Example:
         >>> with irm_lens.inject(model, irm):  # doctest: +SKIP
@@ -53,6 +62,11 @@ def inject(
         if name not in hook_dict:
             raise ShapeMismatchError(f"The model has no hook point named {name!r}.")
 
+    if not (isinstance(positions, Tensor) or positions is None or positions == "generated"):
+        raise ConfigError(
+            f"inject(positions=...) must be None, a [batch, pos] tensor or 'generated', got "
+            f"{positions!r}."
+        )
     if isinstance(scale, Tensor):
         expected = (irm.config.n_injected, irm.config.d_model)
         if tuple(scale.shape) != expected:
@@ -66,6 +80,17 @@ def inject(
 
     def read(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> None:
         delta = irm(resid)  # [batch, pos, n_injected, d_model]
+        if isinstance(positions, Tensor):
+            if tuple(positions.shape) != tuple(resid.shape[:2]):
+                raise ShapeMismatchError(
+                    f"inject(positions=...) has shape {list(positions.shape)}, but this forward "
+                    f"pass has [batch, pos] = {list(resid.shape[:2])}."
+                )
+            delta = delta * positions.to(device=delta.device, dtype=delta.dtype)[..., None, None]
+        elif positions == "generated" and resid.shape[1] > 1:
+            last_only = torch.zeros(resid.shape[1], device=delta.device, dtype=delta.dtype)
+            last_only[-1] = 1.0
+            delta = delta * last_only[None, :, None, None]
         if on_output is not None:
             on_output(delta)
         # One unbind for all layers: its backward stacks the layers' gradients once, where a

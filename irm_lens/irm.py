@@ -31,6 +31,7 @@ from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
 
 InjectSite = Literal["resid_pre", "resid_mid", "resid_post"]
 INJECT_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+STEER_MODES: tuple[str, ...] = ("all", "reply")
 
 # (width as a multiple of d_model, number of hidden ReLU layers)
 IRM_PRESETS: dict[str, tuple[float, int]] = {
@@ -130,6 +131,11 @@ class IRMConfig:
         zero_init_output: Start with a zero output layer, so the untrained IRM is the identity
             intervention and everything it later outputs was learned.
         host_model: Name of the model it was built for (provenance only).
+        steer: Which positions the IRM steers. ``"all"`` (the paper): every position.
+            ``"reply"``: only the reply of a chat example, from the position that predicts its
+            first token; the prompt is read unsteered. Training then needs chat examples
+            (``TrainConfig.chat_prompts``), and generation steers the last prompt position and
+            the new tokens only (``inject(positions="generated")``).
     """
 
     d_model: int
@@ -142,6 +148,7 @@ class IRMConfig:
     output_scale: float = 1.0
     zero_init_output: bool = False
     host_model: str = ""
+    steer: str = "all"
 
     def __post_init__(self) -> None:
         for name, limit in (("d_model", _MAX_D_MODEL), ("n_layers", _MAX_N_LAYERS)):
@@ -178,6 +185,8 @@ class IRMConfig:
             self.output_scale
         ):
             raise ConfigError(f"output_scale must be a finite number, got {self.output_scale!r}.")
+        if self.steer not in STEER_MODES:
+            raise ConfigError(f"steer must be one of {STEER_MODES}, got {self.steer!r}.")
         if self.n_params > _MAX_PARAMS:
             raise ConfigError(
                 f"This IRM would have {self.n_params:,} parameters (limit {_MAX_PARAMS:,})."

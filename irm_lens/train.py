@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -240,6 +241,11 @@ def _train(
 ) -> TrainResult:
     start = time.perf_counter()
     irm.check_compatible(model)
+    if irm.config.steer == "reply" and not config.chat_prompts:
+        raise ConfigError(
+            "An IRM with steer='reply' steers only a chat reply: train it on chat examples "
+            "(TrainConfig(chat_prompts=True), --chat)."
+        )
     rank_batch = ranks.check_batch(config.batch_size)
     splits = _as_splits(data, config.seed)
     prompts = None
@@ -310,7 +316,7 @@ def _train(
                 per_token = out.abs().sum(dim=(-1, -2))  # [batch, pos]
                 penalty["l1"] = (per_token * mask).sum() / mask.sum()
 
-        with inject(model, forward_irm, on_output=capture):
+        with inject(model, forward_irm, on_output=capture, positions=_steered(irm, scored)):
             logits = model(ids)  # [batch, pos, d_vocab]
         lm_loss = masked_lm_loss(logits, ids, scored)
         lm_weight, l1_weight = _rank_weights(ranks, scored[:, 1:].sum(), mask.sum())
@@ -425,7 +431,7 @@ def _val_loss(
         if irm is None:
             logits = model(ids)
         else:
-            with inject(model, irm):
+            with inject(model, irm, positions=_steered(irm, scored)):
                 logits = model(ids)
         n = int(scored[:, 1:].sum())
         total += masked_lm_loss(logits, ids, scored).item() * n
@@ -433,6 +439,16 @@ def _val_loss(
     if ranks.distributed:
         total, count = ranks.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
+
+
+def _steered(irm: IRM, scored: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"] | None:
+    """The positions an IRM with ``steer="reply"`` acts on: each scored (reply) token and the
+    position that predicts it. ``None`` (every position) for ``steer="all"``."""
+    if irm.config.steer == "all":
+        return None
+    steered = scored.clone()
+    steered[:, :-1] |= scored[:, 1:]
+    return steered.float()
 
 
 def _log(run: _RunDir | None, record: dict[str, Any]) -> None:

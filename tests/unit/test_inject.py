@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformer_lens import utils as tl_utils
 
-from irm_lens import IRM, inject
+from irm_lens import IRM, ConfigError, ShapeMismatchError, inject
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -201,3 +201,51 @@ def test_bfloat16_model_with_float32_irm(tiny_llama_dir):
     loss.backward()
     assert irm.out.weight.grad.dtype == torch.float32
     assert model.W_E.dtype == torch.bfloat16
+
+
+def test_positions_mask_steers_only_the_chosen_positions(tiny_model):
+    irm = _irm(tiny_model, layers=[1, 3])
+    tokens = tiny_model.to_tokens([TEXT, TEXT])
+    positions = torch.zeros(tokens.shape)
+    positions[0, 5:] = 1.0
+    positions[1, -2:] = 1.0
+    names = lambda n: n.endswith("hook_resid_post")  # noqa: E731
+    _, clean = tiny_model.run_with_cache(tokens, names_filter=names)
+    with inject(tiny_model, irm):
+        _, every = tiny_model.run_with_cache(tokens, names_filter=names)
+    with inject(tiny_model, irm, positions=positions):
+        _, masked = tiny_model.run_with_cache(tokens, names_filter=names)
+    # Layer 1 is the first injection: exactly the clean residual off the mask, the fully
+    # steered one on it (later layers also see the changed keys and values, as they should).
+    hook = "blocks.1.hook_resid_post"
+    off = positions == 0
+    torch.testing.assert_close(masked[hook][off], clean[hook][off], rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked[hook][~off], every[hook][~off], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(masked[hook][~off], clean[hook][~off], atol=1e-3)
+    with pytest.raises(ShapeMismatchError, match=r"\[batch, pos\]"), inject(
+        tiny_model, irm, positions=positions[:, 1:]
+    ):
+        tiny_model(tokens)
+    with pytest.raises(ConfigError, match="positions"), inject(tiny_model, irm, positions="x"):
+        pass
+
+
+def test_generated_positions_read_the_prompt_unsteered(tiny_model):
+    irm = _irm(tiny_model, layers=[0, 2])
+    tokens = tiny_model.to_tokens("Tell me about the weather")
+    prompt_len = tokens.shape[1]
+    with inject(tiny_model, irm, positions="generated"):
+        out = tiny_model.generate(tokens, max_new_tokens=6, do_sample=False, verbose=False,
+                                  stop_at_eos=False)
+    assert out.shape[1] > prompt_len
+    # The same continuation by hand, without the cache: steer from the last prompt position on.
+    positions = torch.zeros(out.shape)
+    positions[:, prompt_len - 1 :] = 1.0
+    with inject(tiny_model, irm, positions=positions):
+        logits = tiny_model(out)
+    assert torch.equal(logits[0, prompt_len - 1 : -1].argmax(-1), out[0, prompt_len:])
+    with inject(tiny_model, irm, positions="generated"):  # a prompt pass: only its last position
+        last = tiny_model(tokens)[0, -1]
+        with_prompt = tiny_model(tokens[:, :-1])
+    torch.testing.assert_close(last, logits[0, prompt_len - 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_prompt[0, :-1], tiny_model(tokens[:, :-1])[0, :-1])

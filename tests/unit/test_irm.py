@@ -311,3 +311,13 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     path = IRM(_config()).save(tmp_path / "a.safetensors")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_steer_mode_is_validated_saved_and_defaults_for_old_files(tmp_path):
+    with pytest.raises(ConfigError, match="steer"):
+        _config(steer="prompt")
+    irm = IRM(_config(steer="reply"))
+    assert IRM.load(irm.save(tmp_path)).config.steer == "reply"
+    old = _config().to_dict()
+    del old["steer"]  # a file written before the field existed
+    assert IRMConfig.from_dict(old).steer == "all"

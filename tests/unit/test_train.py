@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from irm_lens import IRM
+from irm_lens import IRM, IRMConfig
 from irm_lens.errors import ConfigError
 from irm_lens.train import TrainConfig, paper_l1, train
 
@@ -181,3 +181,42 @@ def test_a_finished_run_given_more_steps_continues_to_the_same_irm(tiny_model, t
                  out_dir=tmp_path, progress=False)
     assert more.steps == 6 and more.stop_reason == "reached 6 steps"
     assert _same(more.irm, straight.irm)
+
+
+def test_reply_steering_needs_chat_examples_and_masks_the_prompt(tiny_model, monkeypatch):
+    irm = _irm(tiny_model, steer="reply")
+    with pytest.raises(ConfigError, match="chat"):
+        train(tiny_model, irm, TEXTS, CONFIG, progress=False)
+    seen = []
+    real_inject = train_module.inject
+
+    def recording(model, irm, **kwargs):
+        seen.append(kwargs.get("positions"))
+        return real_inject(model, irm, **kwargs)
+
+    monkeypatch.setattr(train_module, "inject", recording)
+    tokenizer = tiny_model.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    try:
+        config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
+                             max_val_batches=1, chat_prompts=True)
+        result = train(tiny_model, irm, TEXTS, config, progress=False)
+    finally:
+        tokenizer.chat_template = None
+    assert math.isfinite(result.best_val_loss)
+    assert len(seen) == 3  # 2 training steps, 1 validation batch (the baseline has no IRM)
+    for positions in seen:
+        assert positions is not None
+        for row in positions:
+            on = row.nonzero().flatten()
+            # steered: the reply, from the position that predicts its first token (the '>' of
+            # '<assistant>') on; the prompt before it is read unsteered
+            assert on[0] > 5 and row[: on[0]].sum() == 0
+
+
+def test_steered_positions_are_the_reply_and_the_position_before_it():
+    reply = IRM(IRMConfig(d_model=8, n_layers=2, layers=(0, 1), steer="reply"))
+    scored = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    assert train_module._steered(reply, scored).tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    plain = IRM(IRMConfig(d_model=8, n_layers=2, layers=(0, 1)))
+    assert train_module._steered(plain, scored) is None
