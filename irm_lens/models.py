@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from irm_lens.attention import AttentionKind, set_attention
 from irm_lens._io import atomic_write_json
 from irm_lens._packages import package_file
+from irm_lens.attention import AttentionKind, set_attention
 from irm_lens.errors import (
     CheckpointError,
     ConfigError,
