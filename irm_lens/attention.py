@@ -32,8 +32,15 @@ from transformer_lens.utilities.activation_functions import softcap_enabled
 from .errors import ConfigError
 
 AttentionKind = Literal["sdpa", "eager"]
+ATTENTION_KINDS: tuple[str, ...] = ("sdpa", "eager")
 
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def check_attention_kind(kind: str) -> None:
+    """Raise ``ConfigError`` unless ``kind`` is one of ``ATTENTION_KINDS``."""
+    if kind not in ATTENTION_KINDS:
+        raise ConfigError(f"attention must be 'sdpa' or 'eager', got {kind!r}.")
 
 
 def _hooked(point: HookPoint) -> bool:
@@ -149,8 +156,7 @@ def set_attention(model: HookedTransformer, kind: AttentionKind = "sdpa") -> Hoo
     ``hook_attn_scores`` and ``hook_pattern`` are not hooked) or ``"eager"`` (TransformerLens's
     explicit computation, always). Modifies ``model`` in place and returns it. Weights, hook
     names and results are unchanged (equal up to float rounding)."""
-    if kind not in ("sdpa", "eager"):
-        raise ConfigError(f"attention must be 'sdpa' or 'eager', got {kind!r}.")
+    check_attention_kind(kind)
     table = _FUSED if kind == "sdpa" else _EAGER
     for block in model.blocks:
         cls = type(block.attn)

@@ -14,7 +14,7 @@ import torch
 from irm_lens._io import atomic_write_json, atomic_write_text
 from irm_lens.errors import ConfigError, IRMLensError
 from irm_lens.generation import compare_generations
-from irm_lens.irm import IRM, IRM_PRESETS
+from irm_lens.irm import IRM, IRM_PRESETS, STEER_MODES
 from irm_lens.models import load_model
 
 DEFAULT_PROMPTS = [
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
     tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
     tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
-    tr.add_argument("--steer", default="all", choices=["all", "reply"],
+    tr.add_argument("--steer", default="all", choices=STEER_MODES,
                     help="steer every position, or only a chat reply's (needs --chat)")
     tr.add_argument("--l1", default="0", help="L1 coefficient on IRM outputs, or 'paper'")
     tr.add_argument("--seed", type=int, default=42)

@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from irm_lens._io import atomic_write_json
 from irm_lens._packages import package_file
-from irm_lens.attention import AttentionKind, set_attention
+from irm_lens.attention import AttentionKind, check_attention_kind, set_attention
 from irm_lens.errors import (
     CheckpointError,
     ConfigError,
@@ -209,8 +209,7 @@ def load_model(
         raise ConfigError(f"n_ctx must be a positive integer, got {n_ctx}.")
     if hf_model is not None and tokenizer is None:
         raise ConfigError("load_model(hf_model=...) also needs tokenizer=... for that model.")
-    if attention not in ("sdpa", "eager"):
-        raise ConfigError(f"attention must be 'sdpa' or 'eager', got {attention!r}.")
+    check_attention_kind(attention)  # before a load that may take minutes
 
     if name_or_path is None:
         model = _load_gguf(embedded_gguf_path(), dtype, device, n_ctx, EMBEDDED_MODEL_NAME)
