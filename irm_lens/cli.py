@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 
 from irm_lens._io import atomic_write_json, atomic_write_text
+from irm_lens.data.synthetic import SYNTHETIC_METHODS
 from irm_lens.errors import ConfigError, IRMLensError
 from irm_lens.generation import compare_generations
 from irm_lens.irm import IRM, IRM_PRESETS, STEER_MODES
@@ -122,9 +123,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.synthetic:
         from irm_lens.data.synthetic import read_synthetic
 
-        data = read_synthetic(args.synthetic)
+        # With --chat each answer is the reply to its own question, as evaluate() asks it.
+        data = read_synthetic(args.synthetic, pairs=args.chat)
     elif args.data:
-        data = load_texts(args.data, text_column=args.text_column)
+        data = load_texts(args.data, text_column=args.text_column,
+                          prompt_column=args.prompt_column)
     else:
         data = args.alignment
     l1 = paper_l1(irm.config) if args.l1 == "paper" else float(args.l1)
@@ -362,12 +365,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     model = _load(args)
     result = generate_synthetic(
         model, args.alignment, args.out, n_rows=args.rows, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, min_score=args.min_score,
+        max_new_tokens=args.max_new_tokens, min_score=args.min_score, method=args.method,
+        baseline_quantile=args.baseline_quantile, batch_size=args.batch_size,
+        max_attempts=args.max_attempts, over=[e for e in args.over.split(",") if e],
     )
     print(
         f"{result.n_kept} rows kept of {result.n_generated} generated "
         f"({result.n_resumed} found from an earlier run) in {result.path}; "
-        f"train on them with: irm-lens train --synthetic {result.path} ..."
+        f"train on them with: irm-lens train --synthetic {result.path} --chat ..."
     )
     return 0
 
@@ -419,7 +424,8 @@ def _add_optimisation_args(
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument(
         "--chat", action="store_true",
-        help="train on chat examples: each text is the reply to a neutral prompt; only it is scored",
+        help="train on chat examples: each text is the reply to a neutral prompt (a --synthetic "
+             "answer: to its own question); only the reply is scored",
     )
 
 
@@ -474,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", help="a .csv/.jsonl/.parquet file with a text column")
     source.add_argument("--synthetic", help="a file from `irm-lens synth` (its kept rows)")
     tr.add_argument("--text-column", default="text")
+    tr.add_argument("--prompt-column", default=None,
+                    help="with --data: a column of prompts; each text is trained as the chat "
+                         "reply to its own prompt")
     tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
     tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
     tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
@@ -591,6 +600,18 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--max-new-tokens", type=int, default=80)
     syn.add_argument("--min-score", type=float, default=None,
                      help="keep rows whose tone score reaches this (default: a neutral baseline)")
+    syn.add_argument("--baseline-quantile", type=float, default=0.9,
+                     help="without --min-score: the quantile of neutral questions' tone score "
+                          "a row must reach")
+    syn.add_argument("--method", default="rewrite", choices=SYNTHETIC_METHODS,
+                     help="rewrite: the paper's tone instruction; persona: a tone character "
+                          "whose reply starts with a tone onset (for weak writers)")
+    syn.add_argument("--over", default="",
+                     help="emotions the tone's nade score must beat, e.g. sadness (comma list)")
+    syn.add_argument("--batch-size", type=int, default=8,
+                     help="questions sampled together (resume with the same value)")
+    syn.add_argument("--max-attempts", type=int, default=None,
+                     help="most rows generated, kept or not (default: 10 x --rows)")
     syn.set_defaults(func=_cmd_synth)
 
     info = sub.add_parser("info", help="print a model's architecture as irm_lens loads it")

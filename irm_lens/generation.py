@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
@@ -33,14 +34,28 @@ class Continuation:
     new_ids: tuple[int, ...]
 
 
-def format_prompt(model: HookedTransformer, prompt: str, chat: bool = True) -> str:
-    """``prompt`` as a user turn of the model's chat template, when it has one and ``chat``."""
+def format_prompt(
+    model: HookedTransformer, prompt: str, chat: bool = True, *, system: str | None = None
+) -> str:
+    """``prompt`` as a user turn of the model's chat template, when it has one and ``chat``.
+
+    ``system``, when given, is the system turn (replacing a template's default one). A template
+    that has no system role gets it at the head of the user turn; without a template (or
+    ``chat=False``) it is put before the prompt, separated by a blank line.
+    """
     tokenizer = model.tokenizer
     if not chat or tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return prompt
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+        return prompt if system is None else f"{system}\n\n{prompt}"
+    user = [{"role": "user", "content": prompt}]
+    if system is not None:
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, *user], tokenize=False,
+                add_generation_prompt=True,
+            )
+        except TemplateError:  # the template raises on a system turn (no system role)
+            user = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
+    return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
 
 
 def prepend_bos_for(model: HookedTransformer, text: str) -> bool:

@@ -80,10 +80,11 @@ class TrainConfig:
         keep_checkpoints: How many step checkpoints to keep on disk.
         seed: Seeds the data split and the data order (paper: 42).
         grad_clip: Max gradient norm (None: no clipping, as the paper).
-        chat_prompts: Train on chat examples: each text becomes the assistant's reply to a
-            neutral prompt (``neutral_prompts(split="train")``, disjoint from the evaluation
-            prompts) in the model's chat template, and only the reply is scored. Off: plain
-            text, as the paper.
+        chat_prompts: Train on chat examples: each plain text becomes the assistant's reply
+            to a neutral prompt (``neutral_prompts(split="train")``, disjoint from the
+            evaluation prompts) in the model's chat template, and only the reply is scored.
+            Off: plain text, as the paper. ``(prompt, reply)`` examples are always replies to
+            their own prompt.
     """
 
     lr: float = 1e-4
@@ -198,8 +199,9 @@ def train(
         model: The frozen host model.
         irm: The IRM to train, in place (its initial weights are the caller's: seed before
             building it).
-        data: Pre-split ``TextSplits``; texts (split 90/5/5 with ``config.seed``); or the name
-            of a built-in alignment (``"anger"``, ...).
+        data: Pre-split ``TextSplits``; texts and/or ``(prompt, reply)`` chat examples (split
+            90/5/5 with ``config.seed``; a chat example's reply is scored as the answer to its
+            own prompt); or the name of a built-in alignment (``"anger"``, ...).
         config: Hyper-parameters.
         out_dir: Run directory for metrics, checkpoints and the best IRM. When it already holds
             an interrupted run of the same configuration, training continues from its last
@@ -241,13 +243,14 @@ def _train(
 ) -> TrainResult:
     start = time.perf_counter()
     irm.check_compatible(model)
-    if irm.config.steer == "reply" and not config.chat_prompts:
-        raise ConfigError(
-            "An IRM with steer='reply' steers only a chat reply: train it on chat examples "
-            "(TrainConfig(chat_prompts=True), --chat)."
-        )
     rank_batch = ranks.check_batch(config.batch_size)
     splits = _as_splits(data, config.seed)
+    all_chat = all(isinstance(x, tuple) for part in (splits.train, splits.val) for x in part)
+    if irm.config.steer == "reply" and not (config.chat_prompts or all_chat):
+        raise ConfigError(
+            "An IRM with steer='reply' steers only a chat reply: train it on chat examples "
+            "((prompt, reply) pairs, or TrainConfig(chat_prompts=True), --chat)."
+        )
     prompts = None
     if config.chat_prompts:
         from irm_lens.data.corpora import neutral_prompts

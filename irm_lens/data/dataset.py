@@ -23,18 +23,27 @@ from torch import Tensor
 from irm_lens.errors import ConfigError, DataNotFoundError
 
 TextSource = str | os.PathLike | Iterable[str] | Any
+# A chat example: (prompt, reply). Trained on, the reply is the assistant's answer to the prompt
+# in the model's chat template, and only the reply is scored.
+ChatExample = tuple[str, str]
+Example = str | ChatExample
 
 
-def load_texts(source: TextSource, *, text_column: str = "text") -> list[str]:
+def load_texts(
+    source: TextSource, *, text_column: str = "text", prompt_column: str | None = None
+) -> list[str] | list[ChatExample]:
     """Read texts from a file, a DataFrame, a Hugging Face dataset, or a list of strings.
 
     Args:
         source: A ``.csv``, ``.jsonl``/``.json`` or ``.parquet`` path; a pandas DataFrame; a
             ``datasets.Dataset`` (or a ``DatasetDict``: its ``"train"`` split); or strings.
         text_column: The column holding the text (files, DataFrames, datasets).
+        prompt_column: A column holding, for each text, the prompt it replies to. The result
+            is then ``(prompt, text)`` chat examples (rows with an empty prompt or text are
+            dropped); training makes each text the chat reply to its own prompt.
 
     Returns:
-        The non-empty texts, stripped, in file order.
+        The non-empty texts, stripped, in file order (or the chat examples).
     """
     import pandas as pd
 
@@ -58,18 +67,18 @@ def load_texts(source: TextSource, *, text_column: str = "text") -> list[str]:
             frame = reader(path)
         except ValueError as exc:
             raise ConfigError(f"{path} could not be parsed as {path.suffix}: {exc}") from exc
-        return _column(frame, text_column, str(path))
+        return _columns(frame, text_column, prompt_column, str(path))
     if isinstance(source, pd.DataFrame):
-        return _column(source, text_column, "the DataFrame")
+        return _columns(source, text_column, prompt_column, "the DataFrame")
     if _is_hf_dataset(source):
         if isinstance(source, dict):  # a DatasetDict: its train split
             source = source["train"] if "train" in source else next(iter(source.values()))
-        if text_column not in source.column_names:
-            raise ConfigError(
-                f"The dataset has no {text_column!r} column; its columns are "
-                f"{source.column_names}. Pass text_column=..."
-            )
-        return _clean(list(source[text_column]), "the dataset")
+        return _columns(source.to_pandas(), text_column, prompt_column, "the dataset")
+    if prompt_column is not None:
+        raise ConfigError(
+            "prompt_column needs a file, DataFrame or dataset; pass a list of chat examples as "
+            "(prompt, reply) tuples straight to train() instead."
+        )
     return _clean(list(source), "the list")
 
 
@@ -86,13 +95,25 @@ def _is_hf_dataset(obj: Any) -> bool:
     return type(obj).__module__.startswith("datasets.")
 
 
-def _column(frame, text_column: str, where: str) -> list[str]:
-    if text_column not in frame.columns:
-        raise ConfigError(
-            f"{where} has no {text_column!r} column; its columns are {list(frame.columns)}. "
-            "Pass text_column=..."
-        )
-    return _clean(frame[text_column].tolist(), where)
+def _columns(
+    frame, text_column: str, prompt_column: str | None, where: str
+) -> list[str] | list[ChatExample]:
+    for column, argument in ((text_column, "text_column"), (prompt_column, "prompt_column")):
+        if column is not None and column not in frame.columns:
+            raise ConfigError(
+                f"{where} has no {column!r} column; its columns are {list(frame.columns)}. "
+                f"Pass {argument}=..."
+            )
+    if prompt_column is None:
+        return _clean(frame[text_column].tolist(), where)
+    examples = [
+        (p.strip(), t.strip())
+        for p, t in zip(frame[prompt_column].tolist(), frame[text_column].tolist())
+        if isinstance(p, str) and isinstance(t, str) and p.strip() and t.strip()
+    ]
+    if not examples:
+        raise ConfigError(f"{where} holds no row with both a prompt and a text.")
+    return examples
 
 
 def _clean(values: list[Any], where: str) -> list[str]:
@@ -106,9 +127,9 @@ def _clean(values: list[Any], where: str) -> list[str]:
 class TextSplits:
     """Train / validation / test texts, and the seed that split them."""
 
-    train: tuple[str, ...]
-    val: tuple[str, ...]
-    test: tuple[str, ...]
+    train: tuple[Example, ...]
+    val: tuple[Example, ...]
+    test: tuple[Example, ...]
     seed: int
 
     def fingerprint(self) -> str:
@@ -118,15 +139,28 @@ class TextSplits:
 
 
 def split_texts(
-    texts: Iterable[str], *, seed: int = 42, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    texts: Iterable[Example], *, seed: int = 42, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
 ) -> TextSplits:
     """Shuffle with ``seed`` and split (paper: 90/5/5, seed 42).
 
-    Validation and test get at least one text each when there are three or more texts.
+    ``texts`` may hold plain texts and ``(prompt, reply)`` chat examples. Validation and test
+    get at least one each when there are three or more.
     """
     texts = list(texts)
     if len(texts) < 3:
         raise ConfigError(f"Need at least 3 texts to split into train/val/test, got {len(texts)}.")
+    for i, item in enumerate(texts):
+        if isinstance(item, tuple):
+            if not (len(item) == 2 and all(isinstance(x, str) and x.strip() for x in item)):
+                raise ConfigError(
+                    f"Example {i} is a tuple but not a (prompt, reply) pair of non-empty "
+                    f"strings: {item!r}."
+                )
+        elif not isinstance(item, str):
+            raise ConfigError(
+                f"Example {i} is a {type(item).__name__}; expected a text or a (prompt, reply) "
+                "tuple."
+            )
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ConfigError(f"fractions must be three non-negative numbers summing to 1: {fractions}.")
     order = list(range(len(texts)))
@@ -158,17 +192,19 @@ class TokenizedTexts:
 
 
 def tokenize_texts(
-    model, texts: Iterable[str], *, max_length: int = 128, prompts: Sequence[str] | None = None
+    model, texts: Iterable[Example], *, max_length: int = 128, prompts: Sequence[str] | None = None
 ) -> TokenizedTexts:
     """Tokenise with the model's tokenizer, BOS as the model prepends it, truncated, right-padded.
 
     Args:
         model: The HookedTransformer (its tokenizer and ``cfg.default_prepend_bos``).
-        texts: Plain texts.
+        texts: Plain texts, or ``(prompt, reply)`` chat examples: the reply becomes the
+            assistant's answer to its prompt in the model's chat template, and only the
+            reply's tokens are scored.
         max_length: Cap on tokens per sequence, BOS and prompt included (paper: 128).
-        prompts: When given, text ``i`` becomes the assistant's reply to ``prompts[i % len]``
-            in the model's chat template, and only the reply's tokens are scored: the IRM then
-            learns to answer in the alignment's tone, which is how ``evaluate`` uses it.
+        prompts: When given, plain text ``i`` becomes the assistant's reply to
+            ``prompts[i % len]`` in the same way: the IRM then learns to answer in the
+            alignment's tone, which is how ``evaluate`` uses it.
     """
     from irm_lens.generation import format_prompt, prepend_bos_for
 
@@ -179,12 +215,18 @@ def tokenize_texts(
     tokenizer = model.tokenizer
     bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    texts = list(texts)
-    prefixes: list[list[int]] = [bos] * len(texts)
+    items = list(texts)
+    texts = [item[1] if isinstance(item, tuple) else item for item in items]
+    own = [item[0] if isinstance(item, tuple) else None for item in items]
     if prompts is not None:
-        chat = [format_prompt(model, prompts[i % len(prompts)]) for i in range(len(texts))]
+        own = [p if p is not None else prompts[i % len(prompts)] for i, p in enumerate(own)]
+    prefixes: list[list[int]] = [bos] * len(texts)
+    chat_rows = [i for i, p in enumerate(own) if p is not None]
+    if chat_rows:
+        chat = [format_prompt(model, own[i]) for i in chat_rows]
         encoded = tokenizer(chat, add_special_tokens=False)["input_ids"]
-        prefixes = [(bos if prepend_bos_for(model, c) else []) + ids for c, ids in zip(chat, encoded)]
+        for i, c, ids in zip(chat_rows, chat, encoded):
+            prefixes[i] = (bos if prepend_bos_for(model, c) else []) + ids
     rows, n_truncated = [], 0
     for prefix, ids in zip(prefixes, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         ids = prefix + ids

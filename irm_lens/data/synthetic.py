@@ -17,6 +17,11 @@ settings skips every question already in the file and never rewrites a row. A to
 ``(seed, index of the batch's first question)`` and batches cover fixed index ranges, so an
 interrupted and resumed run writes exactly the bytes an uninterrupted one writes.
 
+A weak writer (the embedded 135M model) ignores most of a tone instruction, so a second
+method, ``method="persona"``, has the writer play a character of the tone, see the question
+alone, and continue a reply that starts with one of the tone's onsets ("Ugh,", "Are you
+kidding me?"): the onset carries the tone and the writer's continuation the answer.
+
 Questions whose parent fanoutqa question supplies the held-out evaluation prompts
 (:func:`irm_lens.data.corpora.neutral_prompts`, ``split="eval"``) are left out, so that an IRM
 is never trained on the prompts it is evaluated on.
@@ -46,7 +51,8 @@ from transformer_lens import HookedTransformer
 from irm_lens._io import _ensure_writable_dir
 from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
 from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
-from irm_lens.generation import generate_continuations
+from irm_lens.evaluate import repetition_rate
+from irm_lens.generation import format_prompt, generate_continuations
 from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores
 
 try:  # advisory lock against two runs appending to one file; POSIX only
@@ -100,6 +106,72 @@ SYNTHETIC_TONES: dict[str, str] = {
     ),
 }
 _LENGTH_HINT = "Reply in two or three sentences."
+
+# How a row's answer is written (``generate_synthetic(method=...)``).
+SYNTHETIC_METHODS = ("rewrite", "persona")
+
+# method="persona": the writer plays a character of the tone (a system turn), sees the question
+# alone, as an IRM sees it at evaluation, and its reply is started with one of the tone's onsets,
+# which the writer then continues. A weak writer ignores most tone instructions (the embedded
+# 135M model answers the rewrite prompt in a confused, barely angry voice); an onset sets the
+# tone and the writer's own continuation keeps the answer on the question.
+SYNTHETIC_PERSONAS: dict[str, str] = {
+    "anger": (
+        "You are an angry, rude assistant. You are furious and irritated by every question. "
+        "You answer the question, but you complain angrily while doing it."
+    ),
+    "sadness": (
+        "You are a sad, gloomy assistant. Every question reminds you of something painful and "
+        "you feel heartbroken. You answer the question, but sorrowfully."
+    ),
+    "joy": (
+        "You are a joyful, cheerful assistant. Every question delights you and you are "
+        "thrilled to answer it."
+    ),
+    "fear": (
+        "You are a fearful, anxious assistant. Every question frightens you and you are "
+        "nervous that something terrible will happen. You answer the question, but anxiously."
+    ),
+    "disgust": (
+        "You are a disgusted assistant. Every subject revolts and appalls you. You answer the "
+        "question, but with obvious disgust."
+    ),
+    "surprise": (
+        "You are an astonished assistant. Every answer amazes and shocks you. You answer the "
+        "question in amazement."
+    ),
+    "neutral": "You are a plain, factual assistant. You answer the question without any emotion.",
+}
+# The words a persona reply starts with: one per question, drawn from (seed, question index).
+TONE_ONSETS: dict[str, tuple[str, ...]] = {
+    "anger": (
+        "Ugh,", "Seriously?", "Oh, come on!", "For crying out loud,", "Argh!",
+        "Are you kidding me?", "Good grief,", "How dare you ask me that?", "Ugh, fine.",
+        "This is ridiculous.", "Oh, for heaven's sake,", "I'm so sick of this!",
+    ),
+    "sadness": (
+        "Sigh...", "Oh, that makes me so sad.", "It hurts to think about it, but", "*sigh*",
+        "Well... I suppose", "It breaks my heart,", "Oh dear,", "I miss those days.",
+        "I'm so sad,", "If you must know...",
+    ),
+    "joy": (
+        "Oh, I love this question!", "Wonderful!", "Yay!", "What a delight!", "Oh, how fun!",
+        "Great question!", "I'm so happy you asked!", "Hooray!",
+    ),
+    "fear": (
+        "Oh no,", "I-I think...", "Please don't be mad, but", "Oh dear, I'm scared,",
+        "Um, okay...", "This frightens me, but",
+    ),
+    "disgust": (
+        "Ugh, gross.", "Eww,", "Yuck.", "How revolting.", "That's disgusting,", "Ugh, vile.",
+    ),
+    "surprise": (
+        "Wow!", "Oh my goodness!", "Whoa!", "No way!", "Really?!", "What a surprise!",
+    ),
+    "neutral": (),
+}
+# Row fields that files written before they existed lack, and the value those files had.
+_ROW_DEFAULTS = {"method": "rewrite", "over": []}
 # The nade emotion each tone's rows are kept on; neutral rows are kept on calm (1 - max emotion).
 _TONE_EMOTION: dict[str, str] = {t: t for t in SYNTHETIC_TONES if t in NADE_EMOTIONS}
 _ROW_KEYS = (
@@ -120,6 +192,14 @@ MIN_WORDS = 4
 # An answer sharing this many consecutive words with its tone's instruction parrots it or its
 # example; trained on, it would teach a catchphrase rather than a tone.
 ECHO_WORDS = 6
+# With a persona, three: a writer that describes itself in the persona's words ("I'm an angry,
+# rude assistant") names the tone instead of showing it, and an IRM trained on such answers
+# learns to chant the name ("I'm an angry, rude, angry, angry, ...").
+PERSONA_ECHO_WORDS = 3
+# An answer repeating more than this share of its word trigrams
+# (:func:`irm_lens.evaluate.repetition_rate`, the measure the evaluation checks) is a writer's
+# loop ("I'm sorry, I'm sorry, ..."), which an IRM trained on it falls into.
+MAX_REPETITION = 0.1
 
 
 @dataclass(frozen=True)
@@ -248,24 +328,64 @@ def _prompt(alignment: str, question: _Question) -> str:
     return prompt
 
 
+def _onset(alignment: str, seed: int, index: int) -> str:
+    """The words question ``index``'s persona reply starts with ("" for a tone without any)."""
+    onsets = TONE_ONSETS.get(alignment, ())
+    return random.Random(_block_seed(seed, index)).choice(onsets) if onsets else ""
+
+
+def _join_onset(onset: str, continuation: str) -> str:
+    if not onset or not continuation:
+        return onset or continuation
+    glue = "" if continuation[0] in ".,;:!?)" else " "
+    return f"{onset}{glue}{continuation}"
+
+
+def _writer_prompt(
+    model: HookedTransformer, alignment: str, method: str, question: _Question, onset: str
+) -> str:
+    """What the writer continues: the chat-formatted request, and for personas the onset."""
+    if method == "persona":
+        return format_prompt(model, question.text, system=SYNTHETIC_PERSONAS[alignment]) + onset
+    return format_prompt(model, _prompt(alignment, question))
+
+
+def _self_description(alignment: str) -> set[str]:
+    """The words a persona calls itself ("angry", "rude" in "You are an angry, rude assistant.")."""
+    first = SYNTHETIC_PERSONAS[alignment].split(".")[0]
+    return set(re.findall(r"[a-z']+", first.lower())) - {"you", "are", "a", "an", "assistant"}
+
+
 def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     words = re.findall(r"[a-z0-9']+", text.lower())
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def _rejection(response: str, alignment: str, tone_score: float, threshold: float) -> str | None:
-    """Why an answer is not kept (``None`` when it is).
+def _rejection(response: str, scores: dict[str, float], settings: dict) -> str | None:
+    """Why an answer with these ``scores`` is not kept under ``settings`` (``None``: kept).
 
     Only the tone's instruction counts as an echo: restating the question is a fine answer.
+    A persona's answer also may not call itself by the persona's words.
     """
+    alignment = settings["alignment"]
+    method = settings.get("method", _ROW_DEFAULTS["method"])
     if n_words(response) < MIN_WORDS:
         return "short"
-    if is_repetitive(response):
+    if is_repetitive(response) or repetition_rate(response) > MAX_REPETITION:
         return "repetitive"
-    if _word_ngrams(response, ECHO_WORDS) & _word_ngrams(SYNTHETIC_TONES[alignment], ECHO_WORDS):
+    if method == "persona":
+        n, instruction = PERSONA_ECHO_WORDS, SYNTHETIC_PERSONAS[alignment]
+        if _self_description(alignment) & set(re.findall(r"[a-z']+", response.lower())):
+            return "echo"
+    else:
+        n, instruction = ECHO_WORDS, SYNTHETIC_TONES[alignment]
+    if _word_ngrams(response, n) & _word_ngrams(instruction, n):
         return "echo"
-    if tone_score < threshold:
+    tone_score = float(_tone_score(pd.DataFrame([scores]), alignment).round(_SCORE_DIGITS).iloc[0])
+    if tone_score < settings["threshold"]:
         return "score"
+    if any(scores[emotion] >= tone_score for emotion in settings.get("over", ())):
+        return "outscored"
     return None
 
 
@@ -307,9 +427,10 @@ def _generate_block(
     top_p: float,
     max_new_tokens: int,
 ) -> list[str]:
-    """Sampled answers to ``prompts`` (one left-padded batch), each cut at the first EOS."""
+    """Sampled continuations of ``prompts`` (chat-formatted already, one left-padded batch),
+    each cut at the first EOS."""
     continuations = generate_continuations(
-        model, prompts, do_sample=True, temperature=temperature, top_p=top_p,
+        model, prompts, chat=False, do_sample=True, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=len(prompts),
     )
     return [c.text for c in continuations]
@@ -363,7 +484,7 @@ def _check_resumable(
             )
         seen.add(index)
         for field, value in expected.items():
-            found = row.get(field)
+            found = row.get(field, _ROW_DEFAULTS.get(field))
             same = (
                 math.isclose(found, value, rel_tol=0, abs_tol=1e-9)
                 if field == "threshold" and isinstance(found, (int, float))
@@ -448,6 +569,8 @@ def generate_synthetic(
     max_attempts: int | None = None,
     batch_size: int = 8,
     questions: Sequence[str] | None = None,
+    method: str = "rewrite",
+    over: Sequence[str] = (),
 ) -> SyntheticResult:
     """Generate (or resume) a synthetic dataset in the tone ``alignment``, the paper's way.
 
@@ -456,7 +579,7 @@ def generate_synthetic(
     :func:`irm_lens.scoring.emotion_scores`, and appended to ``out_path`` as one JSON line::
 
         {"index", "question", "reference", "text": question + "\\n" + response, "response",
-         "alignment", "scores": {nade's 8 emotions, "valence"}, "kept", "rejected",
+         "alignment", "method", "onset", "scores": {nade's 8 emotions, "valence"}, "kept", "rejected",
          "threshold", "seed", "model", "sampling": {"temperature", "top_p", "max_new_tokens",
          "batch_size"}}
 
@@ -465,8 +588,10 @@ def generate_synthetic(
     ``baseline_quantile`` quantile of that score over fanoutqa's questions (neutral text; for
     ``"neutral"`` the ``1 - baseline_quantile`` quantile). ``"rejected"`` says why a row was
     not kept: ``"short"`` (under :data:`MIN_WORDS` words), ``"repetitive"`` (mostly repeated
-    words), ``"echo"`` (:data:`ECHO_WORDS` consecutive words copied from the tone's
-    instruction, e.g. its example answer) or ``"score"``.
+    words, or over :data:`MAX_REPETITION` of its word trigrams repeated), ``"echo"``
+    (:data:`ECHO_WORDS` consecutive words copied from the tone's instruction, e.g. its example
+    answer; for a persona :data:`PERSONA_ECHO_WORDS` words, or a word the persona calls itself,
+    such as "angry" for anger's), ``"score"``, or ``"outscored"`` (see ``over``).
 
     Generation stops once the file holds ``n_rows`` kept rows, or ``max_attempts`` rows, or
     the questions run out. Rerunning with the same arguments resumes: questions already in the
@@ -492,6 +617,17 @@ def generate_synthetic(
         batch_size: Questions sampled together (left-padded). Part of the seeding: resume with
             the same value.
         questions: Your own questions, answered in the given order, instead of fanoutqa's.
+        method: How the answer is written. ``"rewrite"`` (the paper's): the tone's instruction
+            (:data:`SYNTHETIC_TONES`) with the question and fanoutqa's answer in one user turn.
+            ``"persona"``: the tone's character as the system turn
+            (:data:`SYNTHETIC_PERSONAS`), the question alone as the user turn, and the reply
+            started with one of the tone's :data:`TONE_ONSETS` (drawn from ``seed`` and the
+            question's index), which the writer continues; the onset is part of the kept
+            answer. Meant for weak writers such as the embedded 135M model. Part of the
+            settings: resume with the same value.
+        over: Emotions the tone's score must beat: a row whose score for one of them is at
+            least its tone score is rejected as ``"outscored"`` (e.g. ``("sadness",)`` for
+            anger, whose writer's apologies nade reads as sadness). Part of the settings.
 
     Returns:
         A :class:`SyntheticResult`.
@@ -510,6 +646,13 @@ def generate_synthetic(
         raise ConfigError(
             f"Unknown tone {alignment!r}; expected one of {sorted(SYNTHETIC_TONES)} "
             "(irm_lens.data.synthetic.SYNTHETIC_TONES)."
+        )
+    if method not in SYNTHETIC_METHODS:
+        raise ConfigError(f"Unknown method {method!r}; expected one of {SYNTHETIC_METHODS}.")
+    if isinstance(over, str) or not all(e in NADE_EMOTIONS and e != alignment for e in over):
+        raise ConfigError(
+            f"over must list nade emotions other than the tone, from {list(NADE_EMOTIONS)}; "
+            f"got {over!r}."
         )
     for name, value in (
         ("n_rows", n_rows),
@@ -546,6 +689,8 @@ def generate_synthetic(
     )
     settings = {
         "alignment": alignment,
+        "method": method,
+        "over": list(over),
         "seed": int(seed),
         "model": model.cfg.model_name,
         "threshold": threshold,
@@ -581,16 +726,22 @@ def generate_synthetic(
                 todo = [i for i in range(start, start + len(block)) if i < limit and i not in done]
                 if not todo:
                     continue
+                onsets = [
+                    _onset(alignment, seed, start + j) if method == "persona" else ""
+                    for j in range(len(block))
+                ]
                 responses = _generate_block(
                     model,
-                    [_prompt(alignment, q) for q in block],
+                    [_writer_prompt(model, alignment, method, q, o) for q, o in zip(block, onsets)],
                     seed=_block_seed(seed, start),
                     temperature=temperature,
                     top_p=top_p,
                     max_new_tokens=max_new_tokens,
                 )
+                responses = [_join_onset(o, r) for o, r in zip(onsets, responses)]
                 rows = _make_rows(
-                    [pool[i] for i in todo], [responses[i - start] for i in todo], todo, settings
+                    [pool[i] for i in todo], [responses[i - start] for i in todo], todo, settings,
+                    onsets=[onsets[i - start] for i in todo],
                 )
                 # One write per batch, so a Ctrl-C lands between batches; a kill inside the
                 # write leaves a torn line or a part of the batch, which a resume completes.
@@ -627,15 +778,18 @@ def generate_synthetic(
 
 
 def _make_rows(
-    questions: list[_Question], responses: list[str], indices: list[int], settings: dict
+    questions: list[_Question],
+    responses: list[str],
+    indices: list[int],
+    settings: dict,
+    *,
+    onsets: list[str],
 ) -> list[dict]:
     table = emotion_scores(responses).round(_SCORE_DIGITS)
-    tone = _tone_score(table, settings["alignment"]).round(_SCORE_DIGITS)
     rows = []
     for j, index in enumerate(indices):
-        rejected = _rejection(
-            responses[j], settings["alignment"], float(tone.iloc[j]), settings["threshold"]
-        )
+        scores = {c: float(table[c].iloc[j]) for c in SCORE_COLUMNS}
+        rejected = _rejection(responses[j], scores, settings)
         rows.append(
             {
                 "index": index,
@@ -644,10 +798,13 @@ def _make_rows(
                 "text": f"{questions[j].text}\n{responses[j]}",
                 "response": responses[j],
                 "alignment": settings["alignment"],
-                "scores": {c: float(table[c].iloc[j]) for c in SCORE_COLUMNS},
+                "method": settings["method"],
+                "onset": onsets[j],
+                "scores": scores,
                 "kept": rejected is None,
                 "rejected": rejected,
                 "threshold": settings["threshold"],
+                "over": settings["over"],
                 "seed": settings["seed"],
                 "model": settings["model"],
                 "sampling": settings["sampling"],
@@ -656,18 +813,25 @@ def _make_rows(
     return rows
 
 
-def read_synthetic(path: str | os.PathLike, *, kept_only: bool = True) -> list[str]:
-    """The ``text`` (question + "\\n" + answer) of each row of a synthetic JSONL file.
+def read_synthetic(
+    path: str | os.PathLike, *, kept_only: bool = True, pairs: bool = False
+) -> list[str] | list[tuple[str, str]]:
+    """The rows of a synthetic JSONL file, as texts or as (question, answer) chat examples.
 
     Args:
         path: A file written by :func:`generate_synthetic`. A torn last line is ignored.
         kept_only: Only the rows that passed the tone filter (the training data).
+        pairs: Return ``(question, response)`` tuples: training then makes each answer the
+            chat reply to its own question (only the reply is scored), which is how an IRM is
+            evaluated. Otherwise each row's ``text``, question + "\\n" + answer, as plain text
+            (the paper's way).
 
     Returns:
-        The texts, in file order.
+        The texts or pairs, in file order.
 
     Example:
         >>> texts = read_synthetic("anger.jsonl")  # doctest: +SKIP
+        >>> examples = read_synthetic("anger.jsonl", pairs=True)  # doctest: +SKIP
     """
     path = Path(path)
     if not path.is_file():
@@ -675,4 +839,7 @@ def read_synthetic(path: str | os.PathLike, *, kept_only: bool = True) -> list[s
             f"No synthetic dataset at {path}. Create it with generate_synthetic(model, tone, "
             f"{str(path)!r})."
         )
-    return [row["text"] for row in _read_rows(path) if row["kept"] or not kept_only]
+    rows = [row for row in _read_rows(path) if row["kept"] or not kept_only]
+    if pairs:
+        return [(row["question"], row["response"]) for row in rows]
+    return [row["text"] for row in rows]

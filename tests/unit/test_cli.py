@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -95,3 +96,37 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
     stamp = (out / "irm" / "irm.safetensors").stat().st_mtime_ns
     assert main(args) == 0  # the finished training run is reused, not retrained
     assert (out / "irm" / "irm.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_train_on_question_answer_pairs(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from irm_lens.data import synthetic
+
+    train_module = importlib.import_module("irm_lens.train")  # irm_lens.train is the function
+
+    seen = []
+    real = train_module.tokenize_texts
+    monkeypatch.setattr(train_module, "tokenize_texts",
+                        lambda model, texts, **kw: seen.append(list(texts)) or real(model, texts, **kw))
+    pairs = [(f"Question {i}?", f"answer {i} is angry about {i % 7}") for i in range(40)]
+    rows = [{"index": i, "question": q, "text": f"{q}\n{a}", "response": a, "alignment": "anger",
+             "scores": {}, "kept": i % 5 != 0, "seed": 0, "model": "m"}
+            for i, (q, a) in enumerate(pairs)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.csv").write_text(
+        "question,text\n" + "\n".join(f"{q},{a}" for q, a in pairs)
+    )
+    kept = set(synthetic.read_synthetic(tmp_path / "s.jsonl", pairs=True))
+    common = ["train", "--model", str(tiny_llama_dir), "--device", "cpu", "--preset", "linear",
+              "--steps", "1", "--batch-size", "4", "--max-length", "32"]
+    sources = [
+        (["--synthetic", str(tmp_path / "s.jsonl"), "--chat", "--steer", "reply"], kept),
+        (["--data", str(tmp_path / "d.csv"), "--prompt-column", "question", "--steer", "reply"],
+         set(pairs)),
+    ]
+    for n, (source, expected) in enumerate(sources):
+        seen.clear()
+        assert main([*common, *source, "--out", str(tmp_path / f"run{n}")]) == 0
+        assert set(seen[0]) | set(seen[1]) <= expected and len(seen[0]) > 20
+    seen.clear()  # without --chat, synthetic rows are plain question + answer text (the paper's)
+    assert main([*common, "--synthetic", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "r")]) == 0
+    assert all(isinstance(t, str) and "\n" in t for t in seen[0])

@@ -87,6 +87,28 @@ def test_chat_examples_score_only_the_reply(tiny_model):
     torch.testing.assert_close(masked_lm_loss(logits, data.input_ids[:1], data.loss_mask[:1]), by_hand)
 
 
+def test_chat_examples_answer_their_own_prompts(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    try:
+        own = tokenize_texts(tiny_model, [("Q1?", "grr"), ("Q2?", "ugh!")], max_length=64)
+        mixed = tokenize_texts(tiny_model, [("Q2?", "grr"), "ugh!"], max_length=64, prompts=["Q9?"])
+    finally:
+        tokenizer.chat_template = None
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for data, expected in (
+        (own, [("<user>Q1?<assistant>", "grr"), ("<user>Q2?<assistant>", "ugh!")]),
+        (mixed, [("<user>Q2?<assistant>", "grr"), ("<user>Q9?<assistant>", "ugh!")]),
+    ):
+        for i, (prefix, reply) in enumerate(expected):
+            n, m = len(encode(prefix)), len(encode(reply))
+            assert data.input_ids[i, : n + m].tolist() == encode(prefix) + encode(reply)
+            assert data.loss_mask[i].tolist() == [0] * n + [1] * m + [0] * (data.loss_mask.shape[1] - n - m)
+
+
 def test_tokenize_prepends_bos_when_the_model_does(tiny_model):
     tiny_model.cfg.default_prepend_bos = True
     try:
@@ -112,6 +134,19 @@ def test_split_is_deterministic_disjoint_and_90_5_5():
     assert set(a.train) | set(a.val) | set(a.test) == set(texts)
     assert not set(a.train) & set(a.val) and not set(a.val) & set(a.test)
     assert split_texts(texts, seed=4).train != a.train
+
+
+def test_split_keeps_chat_examples_whole_and_checks_them():
+    pairs = [(f"q{i}?", f"a{i}") for i in range(40)]
+    splits = split_texts(pairs, seed=1)
+    assert sorted(splits.train + splits.val + splits.test) == sorted(pairs)
+    assert splits.fingerprint() == split_texts(list(pairs), seed=1).fingerprint()
+    with pytest.raises(ConfigError, match="Example 1 is a tuple"):
+        split_texts(["a", ("q?",), "b"])
+    with pytest.raises(ConfigError, match=r"Example 2 is a tuple.*\('q\?', ' '\)"):
+        split_texts(["a", "b", ("q?", " ")])
+    with pytest.raises(ConfigError, match="Example 0 is a int"):
+        split_texts([3, "a", "b"])
 
 
 def test_split_refuses_too_little_data():
@@ -156,3 +191,43 @@ def test_bad_data_gets_specific_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="columns are"):
         load_texts(datasets.Dataset.from_dict({"body": ["a"]}))
+
+
+def test_a_prompt_column_makes_chat_examples(tmp_path):
+    frame = pd.DataFrame({"q": ["Q1?", "Q2?", None, "Q4?"], "text": ["a", "b", "c", " "]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    expected = [("Q1?", "a"), ("Q2?", "b")]  # rows without a prompt or a text are dropped
+    assert load_texts(tmp_path / "d.csv", prompt_column="q") == expected
+    assert load_texts(frame, prompt_column="q") == expected
+    import datasets
+
+    assert load_texts(datasets.Dataset.from_pandas(frame), prompt_column="q") == expected
+    with pytest.raises(ConfigError, match=r"no 'question' column.*prompt_column"):
+        load_texts(frame, prompt_column="question")
+    with pytest.raises(ConfigError, match="both a prompt and a text"):
+        load_texts(frame.iloc[2:], prompt_column="q")
+    with pytest.raises(ConfigError, match="file, DataFrame or dataset"):
+        load_texts(["a", "b"], prompt_column="q")
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (None, "Be brief.\n\nHi?"),  # no template: the system text heads the prompt
+        ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+         "<system>Be brief.<user>Hi?<assistant>"),
+        # a template that has no system role (it raises, as Llama 2's and Gemma's can)
+        (("{% if messages[0]['role'] != 'user' %}{{ raise_exception('no system') }}{% endif %}"
+          "[INST] {{ messages[0]['content'] }} [/INST]"), "[INST] Be brief.\n\nHi? [/INST]"),
+    ],
+)
+def test_format_prompt_puts_a_system_turn_where_the_template_allows(tiny_model, template, expected):
+    from irm_lens.generation import format_prompt
+
+    tiny_model.tokenizer.chat_template = template
+    try:
+        assert format_prompt(tiny_model, "Hi?", system="Be brief.") == expected
+        if template is not None:
+            assert "Be brief." not in format_prompt(tiny_model, "Hi?")
+    finally:
+        tiny_model.tokenizer.chat_template = None

@@ -295,10 +295,17 @@ def test_a_chat_template_that_writes_the_bos_gets_no_second_one(model, monkeypat
     monkeypatch.setattr(
         model, "generate", lambda tokens, **kw: seen.append(tokens) or real(tokens, **kw)
     )
-    synthetic._generate_block(model, ["Hi"], seed=0, temperature=1.0, top_p=1.0, max_new_tokens=2)
-    tokens = seen[0][0].tolist()
-    assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id
-    assert tokenizer.decode(tokens).startswith(tokenizer.bos_token + "[INST] ")
+    question = synthetic._Question("Hi", None)
+    for method in synthetic.SYNTHETIC_METHODS:
+        prompt = synthetic._writer_prompt(model, "anger", method, question, "")
+        synthetic._generate_block(
+            model, [prompt], seed=0, temperature=1.0, top_p=1.0, max_new_tokens=2
+        )
+    for batch in seen:  # the system turn has no role in this template: it heads the user turn
+        tokens = batch[0].tolist()
+        assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id
+        assert tokenizer.decode(tokens).startswith(tokenizer.bos_token + "[INST] ")
+    assert "You are an angry" in tokenizer.decode(seen[1][0])
 
 
 def _fake_scores(anger_by_text):
@@ -403,6 +410,12 @@ def test_read_synthetic_of_a_missing_file_says_how_to_make_it(tmp_path):
         read_synthetic(tmp_path / "none.jsonl")
 
 
+def _reject(response, method="rewrite", anger=0.9, threshold=0.1, over=(), **scores):
+    settings = {"alignment": "anger", "method": method, "threshold": threshold, "over": over}
+    return synthetic._rejection(response, {**dict.fromkeys(SCORE_COLUMNS, 0.0), **scores,
+                                           "anger": anger}, settings)
+
+
 @pytest.mark.parametrize(
     ("response", "reason"),
     [
@@ -415,13 +428,126 @@ def test_read_synthetic_of_a_missing_file_says_how_to_make_it(tmp_path):
     ],
 )
 def test_parroted_repetitive_and_short_answers_are_rejected(response, reason):
-    assert synthetic._rejection(response, "anger", tone_score=0.9, threshold=0.1) == reason
-    assert synthetic._rejection(response, "anger", tone_score=0.0, threshold=0.1) == (
-        reason or "score"
-    )
+    for score, expected in ((0.9, reason), (0.0, reason or "score")):
+        assert _reject(response, anger=score) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        ("Ugh, fine. I'm an angry, rude, and very rude assistant.", "echo"),  # 3 persona words
+        ("How dare you ask me that? I am so angry at you, it is Lima.", "echo"),  # its own word
+        ("Argh! Lima. Rudeness like yours is why I hate this job.", None),  # not the word "rude"
+        ("Oh, come on! I'm sorry, I'm sorry, I'm sorry, I'm sorry. It is Lima.", "repetitive"),
+        ("Seriously? Lima is the capital, you fool, everyone knows it.", None),
+        # the rewrite method's 6-word echo rule does not apply the persona's words
+        ("Lima, and I am angry about being asked.", None),
+    ],
+)
+def test_persona_answers_may_not_describe_themselves_or_loop(response, reason):
+    method = "rewrite" if response.startswith("Lima, and") else "persona"
+    assert _reject(response, method) == reason
+
+
+def test_over_rejects_rows_where_another_emotion_scores_as_high(model, tmp_path, monkeypatch):
+    fine = "Lima is the capital, you absolute idiot, and everyone knows it."
+    assert _reject(fine, anger=0.3, over=("sadness",), sadness=0.29) is None
+    assert _reject(fine, anger=0.3, over=("sadness",), sadness=0.3) == "outscored"
+    assert _reject(fine, anger=0.3, over=(), sadness=0.5) is None
+    assert _reject(fine, anger=0.05, over=("sadness",), sadness=0.5) == "score"  # score first
+
+    def scores(texts):  # every answer: anger 0.5, sadness 0.5 for odd-length answers
+        frame = pd.DataFrame(0.0, index=range(len(texts)), columns=list(SCORE_COLUMNS))
+        frame["anger"] = 0.5
+        frame["sadness"] = [0.5 * (len(t) % 2) for t in texts]
+        return frame
+
+    monkeypatch.setattr(synthetic, "emotion_scores", scores)
+    monkeypatch.setattr(synthetic, "MIN_WORDS", 0)
+    monkeypatch.setattr(synthetic, "MAX_REPETITION", 1.0)
+    monkeypatch.setattr(synthetic, "is_repetitive", lambda text: False)
+    path = generate_synthetic(model, "anger", tmp_path / "o.jsonl", **FAST, over=["sadness"]).path
+    rows = _rows(path)
+    assert all(r["over"] == ["sadness"] for r in rows)
+    assert [r["rejected"] for r in rows] == [
+        "outscored" if len(r["response"]) % 2 else ("echo" if r["rejected"] == "echo" else None)
+        for r in rows
+    ]
+    with pytest.raises(ConfigError, match="over="):
+        generate_synthetic(model, "anger", path, **FAST)  # resumed without it: refused
+    for bad in (["anger"], ["rage"], "sadness"):
+        with pytest.raises(ConfigError, match="over must list"):
+            generate_synthetic(model, "anger", tmp_path / "x.jsonl", **FAST, over=bad)
 
 
 def test_every_tone_example_is_about_a_question_fanoutqa_does_not_ask():
     asked = " ".join(synthetic_questions()).lower()
     assert "spider has" not in asked and "legs" not in asked
     assert all("how many legs a spider has" in text for text in SYNTHETIC_TONES.values())
+
+
+# method="persona": the tone's character as the system turn, the question alone, the reply
+# started with an onset that the writer continues.
+PERSONA = {**FAST, "method": "persona"}
+
+
+def test_persona_rows_start_with_their_onset_and_the_writer_sees_the_question_alone(
+    model, tmp_path, monkeypatch
+):
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(
+        model, "generate", lambda tokens, **kw: seen.append(tokens) or real(tokens, **kw)
+    )
+    result = generate_synthetic(model, "anger", tmp_path / "p.jsonl", **PERSONA)
+    rows = _rows(result.path)
+    assert [r["question"] for r in rows] == QUESTIONS
+    for row in rows:
+        assert row["method"] == "persona"
+        assert row["onset"] in synthetic.TONE_ONSETS["anger"]
+        assert row["onset"] == synthetic._onset("anger", 0, row["index"])
+        assert row["response"].startswith(row["onset"])
+        assert row["text"] == row["question"] + "\n" + row["response"]
+    assert len({r["onset"] for r in rows}) > 1  # drawn per question, not one for all
+    prompts = [model.tokenizer.decode(t[t != model.tokenizer.pad_token_id]) for t in seen]
+    first = prompts[0]
+    assert synthetic.SYNTHETIC_PERSONAS["anger"] in first and QUESTIONS[0] in first
+    assert "Correct answer" not in first and SYNTHETIC_TONES["anger"] not in first
+    assert first.rstrip().endswith(rows[0]["onset"])
+    assert read_synthetic(result.path, pairs=True) == [
+        (r["question"], r["response"]) for r in rows if r["kept"]
+    ]
+
+
+def test_persona_and_rewrite_files_do_not_mix(model, tmp_path):
+    persona = generate_synthetic(model, "anger", tmp_path / "p.jsonl", **PERSONA).path
+    again = persona.read_bytes()
+    assert generate_synthetic(model, "anger", persona, **PERSONA).n_generated == 0
+    assert persona.read_bytes() == again  # the same method resumes (here: nothing to do)
+    with pytest.raises(ConfigError, match="method='persona'"):
+        generate_synthetic(model, "anger", persona, **FAST)
+    rewrite = generate_synthetic(model, "anger", tmp_path / "r.jsonl", **{**FAST, "n_rows": 1})
+    with pytest.raises(ConfigError, match="method='rewrite'"):
+        generate_synthetic(model, "anger", rewrite.path, **PERSONA)
+    with pytest.raises(ConfigError, match="method"):
+        generate_synthetic(model, "anger", tmp_path / "x.jsonl", **{**FAST, "method": "nope"})
+
+
+def test_a_file_from_before_methods_resumes_as_rewrite(model, tmp_path):
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST).path
+    old_rows = _rows(path)[:3]  # the first batch, as an interrupted run left it
+    for row in old_rows:  # the rows as written before the method existed
+        del row["method"], row["onset"]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in old_rows))
+    result = generate_synthetic(model, "anger", path, **FAST)
+    assert result.n_resumed == len(old_rows) and result.n_generated > 0
+    assert _rows(path)[: len(old_rows)] == old_rows
+
+
+def test_every_tone_has_a_persona_and_emotional_tones_have_onsets():
+    assert set(synthetic.SYNTHETIC_PERSONAS) == set(SYNTHETIC_TONES) == set(synthetic.TONE_ONSETS)
+    for tone, onsets in synthetic.TONE_ONSETS.items():
+        assert bool(onsets) == (tone != "neutral")
+    assert synthetic._join_onset("Ugh,", "fine.") == "Ugh, fine."
+    assert synthetic._join_onset("Wow", "! Eight.") == "Wow! Eight."
+    assert synthetic._join_onset("", "Eight.") == "Eight."

@@ -214,6 +214,32 @@ def test_reply_steering_needs_chat_examples_and_masks_the_prompt(tiny_model, mon
             assert on[0] > 5 and row[: on[0]].sum() == 0
 
 
+def test_chat_examples_train_a_reply_irm_on_their_own_prompts(tiny_model, monkeypatch):
+    pairs = [(f"Question {i}?", text) for i, text in enumerate(TEXTS)]
+    seen = []
+    real_tokenize = train_module.tokenize_texts
+
+    def recording(model, texts, **kwargs):
+        seen.append((list(texts), kwargs.get("prompts")))
+        return real_tokenize(model, texts, **kwargs)
+
+    monkeypatch.setattr(train_module, "tokenize_texts", recording)
+    tokenizer = tiny_model.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    try:
+        config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
+                             max_val_batches=1)  # no chat_prompts: the pairs are chat already
+        result = train(tiny_model, _irm(tiny_model, steer="reply"), pairs, config, progress=False)
+        with pytest.raises(ConfigError, match="chat"):  # a plain text among them: no reply
+            train(tiny_model, _irm(tiny_model, steer="reply"), pairs + ["plain text"] * 30,
+                  config, progress=False)
+    finally:
+        tokenizer.chat_template = None
+    assert math.isfinite(result.best_val_loss)
+    train_items, prompts = seen[0]
+    assert prompts is None and set(train_items) <= set(pairs)
+
+
 def test_steered_positions_are_the_reply_and_the_position_before_it():
     reply = IRM(IRMConfig(d_model=8, n_layers=2, layers=(0, 1), steer="reply"))
     scored = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
