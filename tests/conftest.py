@@ -64,6 +64,22 @@ def tiny_model(tiny_llama_dir):
     return irm_lens.load_model(tiny_llama_dir, device="cpu")
 
 
+# A minimal chat template: "<user>Q?<assistant>" (a system turn, when given: "<system>...").
+ROLE_TAG_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+)
+
+
+@pytest.fixture
+def chat_model(tiny_model):
+    """``tiny_model`` with :data:`ROLE_TAG_TEMPLATE` as its chat template, for one test."""
+    tiny_model.tokenizer.chat_template = ROLE_TAG_TEMPLATE
+    try:
+        yield tiny_model
+    finally:
+        tiny_model.tokenizer.chat_template = None
+
+
 @pytest.fixture(scope="session")
 def embedded_model():
     import irm_lens

@@ -64,13 +64,9 @@ def test_tokenize_truncates_pads_right_and_masks(tiny_model):
     assert ids.shape == (1, 2) and mask.tolist() == [[1, 1]] and scored.tolist() == [[1, 1]]
 
 
-def test_chat_examples_score_only_the_reply(tiny_model):
-    tokenizer = tiny_model.tokenizer
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    try:
-        data = tokenize_texts(tiny_model, ["grr", "ugh!"], max_length=64, prompts=["Q1?"])
-    finally:
-        tokenizer.chat_template = None
+def test_chat_examples_score_only_the_reply(chat_model):
+    tokenizer = chat_model.tokenizer
+    data = tokenize_texts(chat_model, ["grr", "ugh!"], max_length=64, prompts=["Q1?"])
     prefix = tokenizer("<user>Q1?<assistant>", add_special_tokens=False)["input_ids"]
     reply = tokenizer("grr", add_special_tokens=False)["input_ids"]
     row = data.input_ids[0, : len(prefix) + len(reply)].tolist()
@@ -87,14 +83,10 @@ def test_chat_examples_score_only_the_reply(tiny_model):
     torch.testing.assert_close(masked_lm_loss(logits, data.input_ids[:1], data.loss_mask[:1]), by_hand)
 
 
-def test_chat_examples_answer_their_own_prompts(tiny_model):
-    tokenizer = tiny_model.tokenizer
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    try:
-        own = tokenize_texts(tiny_model, [("Q1?", "grr"), ("Q2?", "ugh!")], max_length=64)
-        mixed = tokenize_texts(tiny_model, [("Q2?", "grr"), "ugh!"], max_length=64, prompts=["Q9?"])
-    finally:
-        tokenizer.chat_template = None
+def test_chat_examples_answer_their_own_prompts(chat_model):
+    tokenizer = chat_model.tokenizer
+    own = tokenize_texts(chat_model, [("Q1?", "grr"), ("Q2?", "ugh!")], max_length=64)
+    mixed = tokenize_texts(chat_model, [("Q2?", "grr"), "ugh!"], max_length=64, prompts=["Q9?"])
 
     def encode(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -210,24 +202,28 @@ def test_a_prompt_column_makes_chat_examples(tmp_path):
         load_texts(["a", "b"], prompt_column="q")
 
 
+# A template without a system role: it raises on one, as Llama 2's and Gemma's can.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'user' %}{{ raise_exception('no system') }}{% endif %}"
+    "[INST] {{ messages[0]['content'] }} [/INST]"
+)
+
+
 @pytest.mark.parametrize(
     ("template", "expected"),
     [
-        (None, "Be brief.\n\nHi?"),  # no template: the system text heads the prompt
-        ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
-         "<system>Be brief.<user>Hi?<assistant>"),
-        # a template that has no system role (it raises, as Llama 2's and Gemma's can)
-        (("{% if messages[0]['role'] != 'user' %}{{ raise_exception('no system') }}{% endif %}"
-          "[INST] {{ messages[0]['content'] }} [/INST]"), "[INST] Be brief.\n\nHi? [/INST]"),
+        ("none", "Be brief.\n\nHi?"),  # no template: the system text heads the prompt
+        ("role tags", "<system>Be brief.<user>Hi?<assistant>"),
+        ("no system role", "[INST] Be brief.\n\nHi? [/INST]"),  # folded into the user turn
     ],
 )
-def test_format_prompt_puts_a_system_turn_where_the_template_allows(tiny_model, template, expected):
+def test_format_prompt_puts_a_system_turn_where_the_template_allows(chat_model, template, expected):
     from irm_lens.generation import format_prompt
 
-    tiny_model.tokenizer.chat_template = template
-    try:
-        assert format_prompt(tiny_model, "Hi?", system="Be brief.") == expected
-        if template is not None:
-            assert "Be brief." not in format_prompt(tiny_model, "Hi?")
-    finally:
-        tiny_model.tokenizer.chat_template = None
+    tokenizer = chat_model.tokenizer  # the role-tag template; the fixture resets it
+    tokenizer.chat_template = {"none": None, "no system role": NO_SYSTEM_TEMPLATE}.get(
+        template, tokenizer.chat_template
+    )
+    assert format_prompt(chat_model, "Hi?", system="Be brief.") == expected
+    if template != "none":
+        assert "Be brief." not in format_prompt(chat_model, "Hi?")

@@ -183,10 +183,10 @@ def test_a_finished_run_given_more_steps_continues_to_the_same_irm(tiny_model, t
     assert _same(more.irm, straight.irm)
 
 
-def test_reply_steering_needs_chat_examples_and_masks_the_prompt(tiny_model, monkeypatch):
-    irm = _irm(tiny_model, steer="reply")
+def test_reply_steering_needs_chat_examples_and_masks_the_prompt(chat_model, monkeypatch):
+    irm = _irm(chat_model, steer="reply")
     with pytest.raises(ConfigError, match="chat"):
-        train(tiny_model, irm, TEXTS, CONFIG, progress=False)
+        train(chat_model, irm, TEXTS, CONFIG, progress=False)
     seen = []
     real_inject = train_module.inject
 
@@ -195,14 +195,9 @@ def test_reply_steering_needs_chat_examples_and_masks_the_prompt(tiny_model, mon
         return real_inject(model, irm, **kwargs)
 
     monkeypatch.setattr(train_module, "inject", recording)
-    tokenizer = tiny_model.tokenizer
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    try:
-        config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
-                             max_val_batches=1, chat_prompts=True)
-        result = train(tiny_model, irm, TEXTS, config, progress=False)
-    finally:
-        tokenizer.chat_template = None
+    config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
+                         max_val_batches=1, chat_prompts=True)
+    result = train(chat_model, irm, TEXTS, config, progress=False)
     assert math.isfinite(result.best_val_loss)
     assert len(seen) == 3  # 2 training steps, 1 validation batch (the baseline has no IRM)
     for positions in seen:
@@ -214,7 +209,7 @@ def test_reply_steering_needs_chat_examples_and_masks_the_prompt(tiny_model, mon
             assert on[0] > 5 and row[: on[0]].sum() == 0
 
 
-def test_chat_examples_train_a_reply_irm_on_their_own_prompts(tiny_model, monkeypatch):
+def test_chat_examples_train_a_reply_irm_on_their_own_prompts(chat_model, monkeypatch):
     pairs = [(f"Question {i}?", text) for i, text in enumerate(TEXTS)]
     seen = []
     real_tokenize = train_module.tokenize_texts
@@ -224,17 +219,12 @@ def test_chat_examples_train_a_reply_irm_on_their_own_prompts(tiny_model, monkey
         return real_tokenize(model, texts, **kwargs)
 
     monkeypatch.setattr(train_module, "tokenize_texts", recording)
-    tokenizer = tiny_model.tokenizer
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    try:
-        config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
-                             max_val_batches=1)  # no chat_prompts: the pairs are chat already
-        result = train(tiny_model, _irm(tiny_model, steer="reply"), pairs, config, progress=False)
-        with pytest.raises(ConfigError, match="chat"):  # a plain text among them: no reply
-            train(tiny_model, _irm(tiny_model, steer="reply"), pairs + ["plain text"] * 30,
-                  config, progress=False)
-    finally:
-        tokenizer.chat_template = None
+    config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
+                         max_val_batches=1)  # no chat_prompts: the pairs are chat already
+    result = train(chat_model, _irm(chat_model, steer="reply"), pairs, config, progress=False)
+    with pytest.raises(ConfigError, match="chat"):  # a plain text among them: no reply
+        train(chat_model, _irm(chat_model, steer="reply"), pairs + ["plain text"] * 30,
+              config, progress=False)
     assert math.isfinite(result.best_val_loss)
     train_items, prompts = seen[0]
     assert prompts is None and set(train_items) <= set(pairs)
