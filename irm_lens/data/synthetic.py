@@ -579,9 +579,9 @@ def generate_synthetic(
     :func:`irm_lens.scoring.emotion_scores`, and appended to ``out_path`` as one JSON line::
 
         {"index", "question", "reference", "text": question + "\\n" + response, "response",
-         "alignment", "method", "onset", "scores": {nade's 8 emotions, "valence"}, "kept", "rejected",
-         "threshold", "seed", "model", "sampling": {"temperature", "top_p", "max_new_tokens",
-         "batch_size"}}
+         "alignment", "method", "onset", "scores": {nade's 8 emotions, "valence"}, "kept",
+         "rejected", "threshold", "over", "seed", "model", "sampling": {"temperature",
+         "top_p", "max_new_tokens", "batch_size"}}
 
     A row is kept when its tone score (the target emotion's nade score; for ``"neutral"``,
     1 - the largest emotion score) is at least ``min_score``, or by default at least the
