@@ -19,7 +19,7 @@ sinks, QK-norm, ``use_attn_result``, 4-bit weights) always uses TransformerLens'
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -32,7 +32,7 @@ from transformer_lens.utilities.activation_functions import softcap_enabled
 from .errors import ConfigError
 
 AttentionKind = Literal["sdpa", "eager"]
-ATTENTION_KINDS: tuple[str, ...] = ("sdpa", "eager")
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 

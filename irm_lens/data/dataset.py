@@ -67,13 +67,14 @@ def load_texts(
             frame = reader(path)
         except ValueError as exc:
             raise ConfigError(f"{path} could not be parsed as {path.suffix}: {exc}") from exc
-        return _columns(frame, text_column, prompt_column, str(path))
+        return _columns(frame, list(frame.columns), text_column, prompt_column, str(path))
     if isinstance(source, pd.DataFrame):
-        return _columns(source, text_column, prompt_column, "the DataFrame")
+        return _columns(source, list(source.columns), text_column, prompt_column, "the DataFrame")
     if _is_hf_dataset(source):
         if isinstance(source, dict):  # a DatasetDict: its train split
             source = source["train"] if "train" in source else next(iter(source.values()))
-        return _columns(source.to_pandas(), text_column, prompt_column, "the dataset")
+        # Only the named columns are read: a dataset's other columns (images, ...) stay on disk.
+        return _columns(source, source.column_names, text_column, prompt_column, "the dataset")
     if prompt_column is not None:
         raise ConfigError(
             "prompt_column needs a file, DataFrame or dataset; pass a list of chat examples as "
@@ -96,19 +97,20 @@ def _is_hf_dataset(obj: Any) -> bool:
 
 
 def _columns(
-    frame, text_column: str, prompt_column: str | None, where: str
+    table, names: list[str], text_column: str, prompt_column: str | None, where: str
 ) -> list[str] | list[ChatExample]:
+    """The texts (or chat examples) of ``table``, a DataFrame or a dataset with columns ``names``."""
     for column, argument in ((text_column, "text_column"), (prompt_column, "prompt_column")):
-        if column is not None and column not in frame.columns:
+        if column is not None and column not in names:
             raise ConfigError(
-                f"{where} has no {column!r} column; its columns are {list(frame.columns)}. "
+                f"{where} has no {column!r} column; its columns are {names}. "
                 f"Pass {argument}=..."
             )
     if prompt_column is None:
-        return _clean(frame[text_column].tolist(), where)
+        return _clean(list(table[text_column]), where)
     examples = [
         (p.strip(), t.strip())
-        for p, t in zip(frame[prompt_column].tolist(), frame[text_column].tolist())
+        for p, t in zip(list(table[prompt_column]), list(table[text_column]))
         if isinstance(p, str) and isinstance(t, str) and p.strip() and t.strip()
     ]
     if not examples:

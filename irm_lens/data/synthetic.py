@@ -368,7 +368,7 @@ def _rejection(response: str, scores: dict[str, float], settings: dict) -> str |
     A persona's answer also may not call itself by the persona's words.
     """
     alignment = settings["alignment"]
-    method = settings.get("method", _ROW_DEFAULTS["method"])
+    method = settings["method"]
     if n_words(response) < MIN_WORDS:
         return "short"
     if is_repetitive(response) or repetition_rate(response) > MAX_REPETITION:
@@ -384,7 +384,7 @@ def _rejection(response: str, scores: dict[str, float], settings: dict) -> str |
     tone_score = float(_tone_score(pd.DataFrame([scores]), alignment).round(_SCORE_DIGITS).iloc[0])
     if tone_score < settings["threshold"]:
         return "score"
-    if any(scores[emotion] >= tone_score for emotion in settings.get("over", ())):
+    if any(scores[emotion] >= tone_score for emotion in settings["over"]):
         return "outscored"
     return None
 
