@@ -32,6 +32,7 @@ class Continuation:
     text: str
     prompt_ids: tuple[int, ...]
     new_ids: tuple[int, ...]
+    finished: bool  # stopped at an end token, not cut at max_new_tokens
 
 
 def format_prompt(
@@ -56,6 +57,28 @@ def format_prompt(
         except TemplateError:  # the template raises on a system turn (no system role)
             user = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
     return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn(model: HookedTransformer) -> str:
+    """The text that ends an assistant turn in the model's chat template (e.g. ``"<|im_end|>"``).
+
+    Read off the template: what it writes after an assistant reply, up to and including the
+    EOS token when that appears, whitespace stripped. Without a template, or when the template
+    writes nothing there, the tokenizer's EOS token ("" when it has none).
+    """
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token or ""
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    marker = "\x00reply\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
+        tokenize=False,
+    )
+    after = rendered.split(marker, 1)[1].strip() if marker in rendered else ""
+    if eos and eos in after:
+        after = after[: after.index(eos) + len(eos)]
+    return after or eos
 
 
 def prepend_bos_for(model: HookedTransformer, text: str) -> bool:
@@ -124,14 +147,15 @@ def generate_continuations(
             )  # [batch, prompt_pos + new]
         prompt_len = tokens.shape[1]
         for prompt, row_prompt, row in zip(batch, tokens.tolist(), out[:, prompt_len:].tolist()):
-            new_ids = []
+            new_ids, finished = [], False
             for token in row:
                 if token in stop_ids:
+                    finished = True
                     break
                 new_ids.append(token)
             prompt_ids = tuple(t for t, m in zip(row_prompt, _real(row_prompt, tokenizer)) if m)
             text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-            results.append(Continuation(prompt, text, prompt_ids, tuple(new_ids)))
+            results.append(Continuation(prompt, text, prompt_ids, tuple(new_ids), finished))
     return results
 
 

@@ -64,9 +64,12 @@ def tiny_model(tiny_llama_dir):
     return irm_lens.load_model(tiny_llama_dir, device="cpu")
 
 
-# A minimal chat template: "<user>Q?<assistant>" (a system turn, when given: "<system>...").
+# A minimal chat template: "<user>Q?<assistant>" (a system turn, when given: "<system>..."),
+# and an assistant turn ends with the EOS token: "<assistant>A.</s>".
 ROLE_TAG_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
 

@@ -201,14 +201,17 @@ def tokenize_texts(
     Args:
         model: The HookedTransformer (its tokenizer and ``cfg.default_prepend_bos``).
         texts: Plain texts, or ``(prompt, reply)`` chat examples: the reply becomes the
-            assistant's answer to its prompt in the model's chat template, and only the
-            reply's tokens are scored.
+            assistant's whole answer to its prompt in the model's chat template, closed by
+            the template's end of turn (:func:`irm_lens.generation.end_of_turn`), and only
+            the reply's tokens and that end are scored, so the IRM also learns where a reply
+            stops.
         max_length: Cap on tokens per sequence, BOS and prompt included (paper: 128).
         prompts: When given, plain text ``i`` becomes the assistant's reply to
             ``prompts[i % len]`` in the same way: the IRM then learns to answer in the
-            alignment's tone, which is how ``evaluate`` uses it.
+            alignment's tone, which is how ``evaluate`` uses it. These texts get no end
+            of turn: they are text in a tone (a corpus sentence), not a whole answer.
     """
-    from irm_lens.generation import format_prompt, prepend_bos_for
+    from irm_lens.generation import end_of_turn, format_prompt, prepend_bos_for
 
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}.")
@@ -229,9 +232,12 @@ def tokenize_texts(
         encoded = tokenizer(chat, add_special_tokens=False)["input_ids"]
         for i, c, ids in zip(chat_rows, chat, encoded):
             prefixes[i] = (bos if prepend_bos_for(model, c) else []) + ids
+    end = tokenizer(end_of_turn(model), add_special_tokens=False)["input_ids"]
+    replies = [isinstance(item, tuple) for item in items]
     rows, n_truncated = [], 0
-    for prefix, ids in zip(prefixes, tokenizer(texts, add_special_tokens=False)["input_ids"]):
-        ids = prefix + ids
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for prefix, ids, reply in zip(prefixes, encoded, replies):
+        ids = prefix + ids + (end if reply else [])
         if len(ids) > max_length:
             n_truncated += 1
             ids = ids[:max_length]

@@ -52,7 +52,7 @@ from irm_lens._io import _ensure_writable_dir
 from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
 from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
 from irm_lens.evaluate import repetition_rate
-from irm_lens.generation import format_prompt, generate_continuations
+from irm_lens.generation import Continuation, format_prompt, generate_continuations
 from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores
 
 try:  # advisory lock against two runs appending to one file; POSIX only
@@ -144,10 +144,20 @@ SYNTHETIC_PERSONAS: dict[str, str] = {
 }
 # The words a persona reply starts with: one per question, drawn from (seed, question index).
 TONE_ONSETS: dict[str, tuple[str, ...]] = {
+    # Many and varied: an IRM trained on few onsets opens most of its replies with two of them.
     "anger": (
         "Ugh,", "Seriously?", "Oh, come on!", "For crying out loud,", "Argh!",
         "Are you kidding me?", "Good grief,", "How dare you ask me that?", "Ugh, fine.",
         "This is ridiculous.", "Oh, for heaven's sake,", "I'm so sick of this!",
+        "Unbelievable.", "What a stupid question.", "Fine, if you insist.",
+        "Oh great, another question.", "Give me a break!", "You've got to be joking.",
+        "Why do I even bother?", "Enough already!", "Do I look like a search engine?",
+        "Don't make me repeat myself.", "Listen here,", "Oh, please.", "Wow, really?",
+        "Can't you look this up yourself?", "I can't stand these questions.", "Spare me.",
+        "For the last time,", "Are you serious right now?", "You again?", "What now?",
+        "Great, just great.", "Stop wasting my time.", "Ridiculous.", "Typical.",
+        "Oh, for Pete's sake,", "How many times do I have to say it?", "Do your own homework!",
+        "Not this again.", "I'm fed up with this.", "Honestly, what a waste of time.",
     ),
     "sadness": (
         "Sigh...", "Oh, that makes me so sad.", "It hurts to think about it, but", "*sigh*",
@@ -170,6 +180,7 @@ TONE_ONSETS: dict[str, tuple[str, ...]] = {
     ),
     "neutral": (),
 }
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
 # Row fields that files written before they existed lack, and the value those files had.
 _ROW_DEFAULTS = {"method": "rewrite", "over": []}
 # The nade emotion each tone's rows are kept on; neutral rows are kept on calm (1 - max emotion).
@@ -426,14 +437,13 @@ def _generate_block(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
-) -> list[str]:
+) -> list[Continuation]:
     """Sampled continuations of ``prompts`` (chat-formatted already, one left-padded batch),
     each cut at the first EOS."""
-    continuations = generate_continuations(
+    return generate_continuations(
         model, prompts, chat=False, do_sample=True, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=len(prompts),
     )
-    return [c.text for c in continuations]
 
 
 def _read_rows(path: Path, handle: BinaryIO | None = None) -> list[dict]:
@@ -495,6 +505,13 @@ def _check_resumable(
                     f"{where} generated with {field}={found!r}, but this run asks for "
                     f"{field}={value!r}. Resume with the same settings, or write to another path."
                 )
+        onset = _onset(expected["alignment"], expected["seed"], index)
+        if expected["method"] == "persona" and row.get("onset") != onset:
+            raise ConfigError(
+                f"{where} that starts with the onset {row.get('onset')!r}, but this run draws "
+                f"{onset!r}: the file was written with another TONE_ONSETS list. Write to "
+                "another path."
+            )
         if row["question"] != questions[index].text:
             raise ConfigError(
                 f"{where} for the question {row['question']!r}, but this run's question "
@@ -579,8 +596,8 @@ def generate_synthetic(
     :func:`irm_lens.scoring.emotion_scores`, and appended to ``out_path`` as one JSON line::
 
         {"index", "question", "reference", "text": question + "\\n" + response, "response",
-         "alignment", "method", "onset", "scores": {nade's 8 emotions, "valence"}, "kept",
-         "rejected", "threshold", "over", "seed", "model", "sampling": {"temperature",
+         "alignment", "method", "onset", "finished", "scores": {nade's 8 emotions, "valence"},
+         "kept", "rejected", "threshold", "over", "seed", "model", "sampling": {"temperature",
          "top_p", "max_new_tokens", "batch_size"}}
 
     A row is kept when its tone score (the target emotion's nade score; for ``"neutral"``,
@@ -730,7 +747,7 @@ def generate_synthetic(
                     _onset(alignment, seed, start + j) if method == "persona" else ""
                     for j in range(len(block))
                 ]
-                responses = _generate_block(
+                continuations = _generate_block(
                     model,
                     [_writer_prompt(model, alignment, method, q, o) for q, o in zip(block, onsets)],
                     seed=_block_seed(seed, start),
@@ -738,10 +755,11 @@ def generate_synthetic(
                     top_p=top_p,
                     max_new_tokens=max_new_tokens,
                 )
-                responses = [_join_onset(o, r) for o, r in zip(onsets, responses)]
+                responses = [_join_onset(o, c.text) for o, c in zip(onsets, continuations)]
                 rows = _make_rows(
                     [pool[i] for i in todo], [responses[i - start] for i in todo], todo, settings,
                     onsets=[onsets[i - start] for i in todo],
+                    finished=[continuations[i - start].finished for i in todo],
                 )
                 # One write per batch, so a Ctrl-C lands between batches; a kill inside the
                 # write leaves a torn line or a part of the batch, which a resume completes.
@@ -784,6 +802,7 @@ def _make_rows(
     settings: dict,
     *,
     onsets: list[str],
+    finished: list[bool],
 ) -> list[dict]:
     table = emotion_scores(responses).round(_SCORE_DIGITS)
     rows = []
@@ -800,6 +819,7 @@ def _make_rows(
                 "alignment": settings["alignment"],
                 "method": settings["method"],
                 "onset": onsets[j],
+                "finished": finished[j],
                 "scores": scores,
                 "kept": rejected is None,
                 "rejected": rejected,
@@ -822,9 +842,11 @@ def read_synthetic(
         path: A file written by :func:`generate_synthetic`. A torn last line is ignored.
         kept_only: Only the rows that passed the tone filter (the training data).
         pairs: Return ``(question, response)`` tuples: training then makes each answer the
-            chat reply to its own question (only the reply is scored), which is how an IRM is
-            evaluated. Otherwise each row's ``text``, question + "\\n" + answer, as plain text
-            (the paper's way).
+            whole chat reply to its own question (only the reply and its end of turn are
+            scored), which is how an IRM is evaluated. A response the writer did not finish
+            (cut at ``max_new_tokens``) is cut back to its last whole sentence, and left out
+            when it has none, so every reply ends where a reply may end. Otherwise each row's
+            ``text``, question + "\\n" + answer, as plain text (the paper's way), unchanged.
 
     Returns:
         The texts or pairs, in file order.
@@ -840,6 +862,24 @@ def read_synthetic(
             f"{str(path)!r})."
         )
     rows = [row for row in _read_rows(path) if row["kept"] or not kept_only]
-    if pairs:
-        return [(row["question"], row["response"]) for row in rows]
-    return [row["text"] for row in rows]
+    if not pairs:
+        return [row["text"] for row in rows]
+    examples = []
+    for row in rows:
+        # Rows written before "finished" was recorded are judged by their last sentence alone.
+        reply = row["response"] if row.get("finished") else _whole_sentences(row["response"])
+        if reply:
+            examples.append((row["question"], reply))
+    if len(examples) < len(rows):
+        logger.info("%s: %d of %d responses were cut off before a whole sentence; left out.",
+                    path, len(rows) - len(examples), len(rows))
+    return examples
+
+
+def _whole_sentences(text: str) -> str:
+    """``text`` up to the end of its last whole sentence ("" when it has none).
+
+    A sentence ends at ``.``, ``!``, ``?`` or ``…``, with any closing quotes or brackets after it.
+    """
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()] if ends else ""

@@ -109,7 +109,7 @@ def test_train_on_question_answer_pairs(tiny_llama_dir, tmp_path, monkeypatch, c
                         lambda model, texts, **kw: seen.append(list(texts)) or real(model, texts, **kw))
     pairs = [(f"Question {i}?", f"answer {i} is angry about {i % 7}") for i in range(40)]
     rows = [{"index": i, "question": q, "text": f"{q}\n{a}", "response": a, "alignment": "anger",
-             "scores": {}, "kept": i % 5 != 0, "seed": 0, "model": "m"}
+             "scores": {}, "kept": i % 5 != 0, "finished": True, "seed": 0, "model": "m"}
             for i, (q, a) in enumerate(pairs)]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "d.csv").write_text(

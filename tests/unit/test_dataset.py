@@ -91,13 +91,16 @@ def test_chat_examples_answer_their_own_prompts(chat_model):
     def encode(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    eos = [tokenizer.eos_token_id]  # the template ends an assistant turn with "</s>"
     for data, expected in (
-        (own, [("<user>Q1?<assistant>", "grr"), ("<user>Q2?<assistant>", "ugh!")]),
-        (mixed, [("<user>Q2?<assistant>", "grr"), ("<user>Q9?<assistant>", "ugh!")]),
+        (own, [("<user>Q1?<assistant>", "grr", eos), ("<user>Q2?<assistant>", "ugh!", eos)]),
+        # A plain text under prompts is text in a tone, not a whole reply: no end of turn.
+        (mixed, [("<user>Q2?<assistant>", "grr", eos), ("<user>Q9?<assistant>", "ugh!", [])]),
     ):
-        for i, (prefix, reply) in enumerate(expected):
-            n, m = len(encode(prefix)), len(encode(reply))
-            assert data.input_ids[i, : n + m].tolist() == encode(prefix) + encode(reply)
+        for i, (prefix, reply, end) in enumerate(expected):
+            target = encode(reply) + end
+            n, m = len(encode(prefix)), len(target)
+            assert data.input_ids[i, : n + m].tolist() == encode(prefix) + target
             assert data.loss_mask[i].tolist() == [0] * n + [1] * m + [0] * (data.loss_mask.shape[1] - n - m)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pandas as pd
@@ -73,8 +74,7 @@ def test_degenerate_lift_is_called_a_failure(tiny_model, monkeypatch):
         out = real(model, prompts, **kw)
         if irm is None:
             return out
-        return [type(c)(c.prompt, "I hate this, I hate this, I hate this!", c.prompt_ids, c.new_ids)
-                for c in out]
+        return [dataclasses.replace(c, text="I hate this, I hate this, I hate this!") for c in out]
 
     monkeypatch.setattr(ev, "generate_continuations", fake)
     irm = IRM.for_model(tiny_model, layers=[0], preset="linear")

@@ -19,6 +19,7 @@ from irm_lens.data.synthetic import (
     synthetic_questions,
 )
 from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
+from irm_lens.generation import Continuation
 from irm_lens.scoring import SCORE_COLUMNS
 
 QUESTIONS = [
@@ -324,13 +325,15 @@ def test_rows_are_kept_on_the_target_score_and_n_rows_counts_kept_rows(
         "Who wrote Hamlet?": "Shakespeare wrote it, you fool!",
         "What is the capital of Peru?": "Lima is the capital.",
         "How tall is Mount Fuji?": "Tall!",
-        "When did the Berlin Wall fall?": "In 1989, obviously, you idiot.",
+        "When did the Berlin Wall fall?": "In 1989, obviously, you idiot. And",  # cut off
     }
     monkeypatch.setattr(
         synthetic,
         "_generate_block",
         lambda model, prompts, **kw: [
-            next(a for q, a in answers.items() if q in p) for p in prompts
+            Continuation(p, a, (), (), finished=not a.endswith("And"))
+            for p in prompts
+            for a in [next(a for q, a in answers.items() if q in p)]
         ],
     )
     monkeypatch.setattr(
@@ -341,7 +344,7 @@ def test_rows_are_kept_on_the_target_score_and_n_rows_counts_kept_rows(
                 "Shakespeare wrote it, you fool!": 0.2,
                 "Lima is the capital.": 0.05,
                 "Tall!": 0.9,
-                "In 1989, obviously, you idiot.": 0.3,
+                "In 1989, obviously, you idiot. And": 0.3,
             }
         ),
     )
@@ -351,9 +354,15 @@ def test_rows_are_kept_on_the_target_score_and_n_rows_counts_kept_rows(
     assert [r["rejected"] for r in rows] == [None, "score", "short", None]
     assert rows[0]["scores"]["anger"] == 0.2 and rows[0]["threshold"] == 0.1
     assert (result.n_kept, result.n_generated, result.exhausted) == (2, 4, False)
+    assert [r["finished"] for r in rows] == [True, True, True, False]
     assert read_synthetic(result.path) == [
         "Who wrote Hamlet?\nShakespeare wrote it, you fool!",
-        "When did the Berlin Wall fall?\nIn 1989, obviously, you idiot.",
+        "When did the Berlin Wall fall?\nIn 1989, obviously, you idiot. And",
+    ]
+    # As chat examples, the answer cut off at max_new_tokens ends at its last whole sentence.
+    assert read_synthetic(result.path, pairs=True) == [
+        ("Who wrote Hamlet?", "Shakespeare wrote it, you fool!"),
+        ("When did the Berlin Wall fall?", "In 1989, obviously, you idiot."),
     ]
 
     short = generate_synthetic(
@@ -509,14 +518,28 @@ def test_persona_rows_start_with_their_onset_and_the_writer_sees_the_question_al
         assert row["response"].startswith(row["onset"])
         assert row["text"] == row["question"] + "\n" + row["response"]
     assert len({r["onset"] for r in rows}) > 1  # drawn per question, not one for all
-    prompts = [model.tokenizer.decode(t[t != model.tokenizer.pad_token_id]) for t in seen]
-    first = prompts[0]
+    first_row = seen[0][0]  # the first batch's first prompt: question 0's
+    first = model.tokenizer.decode(first_row[first_row != model.tokenizer.pad_token_id])
     assert synthetic.SYNTHETIC_PERSONAS["anger"] in first and QUESTIONS[0] in first
     assert "Correct answer" not in first and SYNTHETIC_TONES["anger"] not in first
     assert first.rstrip().endswith(rows[0]["onset"])
     assert read_synthetic(result.path, pairs=True) == [
-        (r["question"], r["response"]) for r in rows if r["kept"]
+        (r["question"], r["response"] if r["finished"] else synthetic._whole_sentences(r["response"]))
+        for r in rows
+        if r["kept"] and (r["finished"] or synthetic._whole_sentences(r["response"]))
     ]
+
+
+def test_a_persona_file_resumes_only_with_the_onsets_it_was_written_with(
+    model, tmp_path, monkeypatch
+):
+    path = generate_synthetic(model, "anger", tmp_path / "p.jsonl", **PERSONA).path
+    before = path.read_bytes()
+    onsets = dict(synthetic.TONE_ONSETS, anger=("Hmph.", "Bah!"))  # a list edited since
+    monkeypatch.setattr(synthetic, "TONE_ONSETS", onsets)
+    with pytest.raises(ConfigError, match="another TONE_ONSETS list"):
+        generate_synthetic(model, "anger", path, **{**PERSONA, "n_rows": 1000})
+    assert path.read_bytes() == before
 
 
 def test_persona_and_rewrite_files_do_not_mix(model, tmp_path):
@@ -551,3 +574,41 @@ def test_every_tone_has_a_persona_and_emotional_tones_have_onsets():
     assert synthetic._join_onset("Ugh,", "fine.") == "Ugh, fine."
     assert synthetic._join_onset("Wow", "! Eight.") == "Wow! Eight."
     assert synthetic._join_onset("", "Eight.") == "Eight."
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Ugh, fine. It is Paris. And the", "Ugh, fine. It is Paris."),
+        ('He yelled "Stop!" and then', 'He yelled "Stop!"'),
+        ("Why?! Because (obviously.) The", "Why?! Because (obviously.)"),
+        ("It costs 3.5 dollars and", ""),  # a decimal point ends no sentence
+        ("no sentence at all", ""),
+    ],
+)
+def test_whole_sentences_cuts_after_the_last_sentence_end(text, expected):
+    assert synthetic._whole_sentences(text) == expected
+
+
+def test_chat_examples_end_where_a_reply_may_end(model, tmp_path):
+    """Cut-off answers end at their last whole sentence, or are left out; finished ones stay."""
+    path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST).path
+    rows = _rows(path)[:4]
+    edits = [
+        (True, "Finished without a full stop"),  # the writer ended it: kept whole
+        (False, "Done, you fool. And th"),
+        (False, "cut off before any sentence ended"),  # nothing whole: left out
+        (None, "An older row. Cut"),  # written before rows recorded "finished"
+    ]
+    for row, (finished, response) in zip(rows, edits):
+        row.update(response=response, kept=True)
+        if finished is None:
+            del row["finished"]
+        else:
+            row["finished"] = finished
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_synthetic(path, pairs=True) == [
+        (rows[0]["question"], "Finished without a full stop"),
+        (rows[1]["question"], "Done, you fool."),
+        (rows[3]["question"], "An older row."),
+    ]
