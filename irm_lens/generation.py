@@ -64,17 +64,21 @@ def end_of_turn(model: HookedTransformer) -> str:
 
     Read off the template: what it writes after an assistant reply, up to and including the
     EOS token when that appears, whitespace stripped. Without a template, or when the template
-    writes nothing there, the tokenizer's EOS token ("" when it has none).
+    writes nothing there (or refuses an assistant turn), the tokenizer's EOS token ("" when it
+    has none).
     """
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token or ""
     if not getattr(tokenizer, "chat_template", None):
         return eos
     marker = "\x00reply\x00"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
-        tokenize=False,
-    )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except TemplateError:  # a template that renders no assistant turn
+        return eos
     after = rendered.split(marker, 1)[1].strip() if marker in rendered else ""
     if eos and eos in after:
         after = after[: after.index(eos) + len(eos)]

@@ -32,6 +32,8 @@ def test_a_continuation_says_whether_it_reached_an_end_token(tiny_model):
         ("{% for m in messages %}{{ m['content'] }} <end_of_turn>\n{% endfor %}", "<end_of_turn>"),
         # A template that writes nothing after the reply: the EOS token.
         ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "</s>"),
+        # One that refuses an assistant turn: the EOS token.
+        ("{% if messages[-1]['role'] != 'user' %}{{ raise_exception('no') }}{% endif %}", "</s>"),
     ],
 )
 def test_end_of_turn_is_read_off_the_chat_template(chat_model, template, expected):
