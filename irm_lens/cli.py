@@ -425,7 +425,8 @@ def _add_optimisation_args(
     parser.add_argument(
         "--chat", action="store_true",
         help="train on chat examples: each text is the reply to a neutral prompt (a --synthetic "
-             "answer: to its own question); only the reply is scored",
+             "answer: to its own question, closed by the chat template's end of turn); only the "
+             "reply (and that end) is scored",
     )
 
 

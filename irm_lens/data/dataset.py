@@ -23,8 +23,9 @@ from torch import Tensor
 from irm_lens.errors import ConfigError, DataNotFoundError
 
 TextSource = str | os.PathLike | Iterable[str] | Any
-# A chat example: (prompt, reply). Trained on, the reply is the assistant's answer to the prompt
-# in the model's chat template, and only the reply is scored.
+# A chat example: (prompt, reply). Trained on, the reply is the assistant's whole answer to the
+# prompt in the model's chat template, closed by its end of turn; only the reply and that end
+# are scored.
 ChatExample = tuple[str, str]
 Example = str | ChatExample
 
