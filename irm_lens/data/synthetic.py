@@ -505,13 +505,14 @@ def _check_resumable(
                     f"{where} generated with {field}={found!r}, but this run asks for "
                     f"{field}={value!r}. Resume with the same settings, or write to another path."
                 )
-        onset = _onset(expected["alignment"], expected["seed"], index)
-        if expected["method"] == "persona" and row.get("onset") != onset:
-            raise ConfigError(
-                f"{where} that starts with the onset {row.get('onset')!r}, but this run draws "
-                f"{onset!r}: the file was written with another TONE_ONSETS list. Write to "
-                "another path."
-            )
+        if expected["method"] == "persona":
+            onset = _onset(expected["alignment"], expected["seed"], index)
+            if row.get("onset") != onset:
+                raise ConfigError(
+                    f"{where} that starts with the onset {row.get('onset')!r}, but this run "
+                    f"draws {onset!r}: the file was written with another TONE_ONSETS list. "
+                    "Write to another path."
+                )
         if row["question"] != questions[index].text:
             raise ConfigError(
                 f"{where} for the question {row['question']!r}, but this run's question "
