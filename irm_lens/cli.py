@@ -114,6 +114,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from irm_lens.data.dataset import load_texts
     from irm_lens.train import paper_l1, train
 
+    if args.max_per_onset is not None and not args.synthetic:
+        raise ConfigError("--max-per-onset caps the rows of a --synthetic file; give --synthetic.")
     model = _load(args)
     torch.manual_seed(args.seed)
     irm = IRM.for_model(
@@ -124,7 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from irm_lens.data.synthetic import read_synthetic
 
         # With --chat each answer is the reply to its own question, as evaluate() asks it.
-        data = read_synthetic(args.synthetic, pairs=args.chat)
+        data = read_synthetic(args.synthetic, pairs=args.chat, max_per_onset=args.max_per_onset)
     elif args.data:
         data = load_texts(args.data, text_column=args.text_column,
                           prompt_column=args.prompt_column)
@@ -349,7 +351,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     irm = IRM.load(args.irm, model)
     result = evaluate(
         model, irm, args.alignment, args.prompt, n_prompts=args.n_prompts,
-        max_new_tokens=args.max_new_tokens, n_sampled=args.n_sampled, scale=args.scale,
+        first_prompt=args.first_prompt, max_new_tokens=args.max_new_tokens,
+        n_sampled=args.n_sampled, scale=args.scale,
         seed=args.seed,
     )
     _print_frames(result.summary, result.lift)
@@ -480,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--alignment", help="a built-in alignment: anger, sadness, joy, neutral")
     source.add_argument("--data", help="a .csv/.jsonl/.parquet file with a text column")
     source.add_argument("--synthetic", help="a file from `irm-lens synth` (its kept rows)")
+    tr.add_argument("--max-per-onset", type=int, default=None,
+                    help="with --synthetic: train on at most this many rows per persona onset "
+                         "(the first in the file), so that no opening dominates")
     tr.add_argument("--text-column", default="text")
     tr.add_argument("--prompt-column", default=None,
                     help="with --data: a column of prompts; each text is trained as the chat "
@@ -583,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alignment", required=True, help="target emotion (anger, sadness, joy, ...)")
     ev.add_argument("--prompt", action="append", help="a prompt (repeatable; default: built-in)")
     ev.add_argument("--n-prompts", type=int, default=40)
+    ev.add_argument("--first-prompt", type=int, default=0,
+                    help="start this far into the built-in held-out prompts (check a scale "
+                         "chosen on the first ones on fresh ones)")
     ev.add_argument("--n-sampled", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, default=40)
     ev.add_argument("--scale", type=float, default=1.0)

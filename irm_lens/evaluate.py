@@ -80,6 +80,7 @@ def evaluate(
     prompts: list[str] | None = None,
     *,
     n_prompts: int = 40,
+    first_prompt: int = 0,
     max_new_tokens: int = 40,
     n_sampled: int = 1,
     temperature: float = 0.9,
@@ -101,6 +102,8 @@ def evaluate(
             not supported here.
         prompts: Prompts to continue (default: ``n_prompts`` held-out neutral prompts).
         n_prompts: How many built-in neutral prompts when ``prompts`` is None.
+        first_prompt: Where in the built-in held-out prompts to start, so that a choice made
+            on some prompts (an output scale, say) can be checked on others.
         max_new_tokens: Length of each generation.
         n_sampled: Sampled generations per prompt (temperature / top_p), besides the greedy one.
         scale: Multiplier on the IRM's outputs.
@@ -118,7 +121,11 @@ def evaluate(
     if prompts is None:
         from irm_lens.data.corpora import neutral_prompts
 
-        prompts = neutral_prompts(n_prompts, split="eval")
+        if isinstance(first_prompt, bool) or not isinstance(first_prompt, int) or first_prompt < 0:
+            raise ConfigError(f"first_prompt must be a non-negative integer, got {first_prompt!r}.")
+        prompts = neutral_prompts(first_prompt + n_prompts, split="eval")[first_prompt:]
+    elif first_prompt:
+        raise ConfigError("first_prompt picks among the built-in prompts; it cannot go with prompts.")
     if not prompts:
         raise ConfigError("evaluate() needs at least one prompt.")
     decodings = [("greedy", 0, dict(do_sample=False))]

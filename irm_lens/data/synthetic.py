@@ -37,6 +37,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -835,7 +836,11 @@ def _make_rows(
 
 
 def read_synthetic(
-    path: str | os.PathLike, *, kept_only: bool = True, pairs: bool = False
+    path: str | os.PathLike,
+    *,
+    kept_only: bool = True,
+    pairs: bool = False,
+    max_per_onset: int | None = None,
 ) -> list[str] | list[tuple[str, str]]:
     """The rows of a synthetic JSONL file, as texts or as (question, answer) chat examples.
 
@@ -848,6 +853,10 @@ def read_synthetic(
             (cut at ``max_new_tokens``) is cut back to its last whole sentence, and left out
             when it has none, so every reply ends where a reply may end. Otherwise each row's
             ``text``, question + "\\n" + answer, as plain text (the paper's way), unchanged.
+        max_per_onset: Keep at most this many rows (the first, in file order) that start with
+            each persona onset, so that no opening outweighs the others: the writer keeps
+            some onsets several times as often as others, and an IRM opens most of its
+            replies with the commonest. Rows without an onset (rewrites) are not capped.
 
     Returns:
         The texts or pairs, in file order.
@@ -863,6 +872,9 @@ def read_synthetic(
             f"{str(path)!r})."
         )
     rows = [row for row in _read_rows(path) if row["kept"] or not kept_only]
+    if max_per_onset is not None:
+        _check_int("max_per_onset", max_per_onset)
+        rows = _cap_per_onset(rows, max_per_onset, path)
     if not pairs:
         return [row["text"] for row in rows]
     examples = []
@@ -875,6 +887,22 @@ def read_synthetic(
         logger.info("%s: %d of %d responses were cut off before a whole sentence; left out.",
                     path, len(rows) - len(examples), len(rows))
     return examples
+
+
+def _cap_per_onset(rows: list[dict], cap: int, path: Path) -> list[dict]:
+    taken: Counter[str] = Counter()
+    capped = []
+    for row in rows:
+        onset = row.get("onset") or ""
+        if onset:
+            taken[onset] += 1
+            if taken[onset] > cap:
+                continue
+        capped.append(row)
+    if len(capped) < len(rows):
+        logger.info("%s: %d of %d rows left out, over %d per onset.",
+                    path, len(rows) - len(capped), len(rows), cap)
+    return capped
 
 
 def _whole_sentences(text: str) -> str:

@@ -87,6 +87,19 @@ def test_degenerate_lift_is_called_a_failure(tiny_model, monkeypatch):
     assert "aligned" not in result.verdict
 
 
+def test_first_prompt_starts_further_into_the_held_out_prompts(tiny_model):
+    from irm_lens.data.corpora import neutral_prompts
+
+    irm = IRM.for_model(tiny_model, layers=[0], preset="linear")
+    result = evaluate(tiny_model, irm, "anger", n_prompts=2, first_prompt=3, max_new_tokens=2,
+                      n_sampled=0, n_bootstrap=50, progress=False)
+    assert list(dict.fromkeys(result.samples.prompt)) == neutral_prompts(5)[3:]
+    with pytest.raises(ConfigError, match="cannot go with prompts"):
+        evaluate(tiny_model, irm, "anger", PROMPTS, first_prompt=1)
+    with pytest.raises(ConfigError, match="first_prompt must be a non-negative integer"):
+        evaluate(tiny_model, irm, "anger", first_prompt=-1)
+
+
 def test_unknown_alignment(tiny_model):
     with pytest.raises(ConfigError, match="Cannot measure alignment"):
         evaluate(tiny_model, IRM.for_model(tiny_model, layers=[0]), "rage", PROMPTS)
