@@ -114,8 +114,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from irm_lens.data.dataset import load_texts
     from irm_lens.train import paper_l1, train
 
-    if args.max_per_onset is not None and not args.synthetic:
-        raise ConfigError("--max-per-onset caps the rows of a --synthetic file; give --synthetic.")
+    if args.max_per_opening is not None and not args.synthetic:
+        raise ConfigError("--max-per-opening caps the rows of a --synthetic file; give --synthetic.")
     model = _load(args)
     torch.manual_seed(args.seed)
     irm = IRM.for_model(
@@ -126,7 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from irm_lens.data.synthetic import read_synthetic
 
         # With --chat each answer is the reply to its own question, as evaluate() asks it.
-        data = read_synthetic(args.synthetic, pairs=args.chat, max_per_onset=args.max_per_onset)
+        data = read_synthetic(args.synthetic, pairs=args.chat, max_per_opening=args.max_per_opening)
     elif args.data:
         data = load_texts(args.data, text_column=args.text_column,
                           prompt_column=args.prompt_column)
@@ -373,8 +373,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts, over=[e for e in args.over.split(",") if e],
     )
     print(
-        f"{result.n_kept} rows kept of {result.n_generated} generated "
-        f"({result.n_resumed} found from an earlier run) in {result.path}; "
+        f"{result.n_kept} rows kept of {result.n_resumed + result.n_generated} in {result.path} "
+        f"({result.n_generated} generated now, {result.n_resumed} by an earlier run); "
         f"train on them with: irm-lens train --synthetic {result.path} --chat ..."
     )
     return 0
@@ -483,9 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--alignment", help="a built-in alignment: anger, sadness, joy, neutral")
     source.add_argument("--data", help="a .csv/.jsonl/.parquet file with a text column")
     source.add_argument("--synthetic", help="a file from `irm-lens synth` (its kept rows)")
-    tr.add_argument("--max-per-onset", type=int, default=None,
-                    help="with --synthetic: train on at most this many rows per persona onset "
-                         "(the first in the file), so that no opening dominates")
+    tr.add_argument("--max-per-opening", type=int, default=None,
+                    help="with --synthetic: train on at most this many rows whose persona onset "
+                         "opens with the same word (the first in the file), so that no opening "
+                         "dominates")
     tr.add_argument("--text-column", default="text")
     tr.add_argument("--prompt-column", default=None,
                     help="with --data: a column of prompts; each text is trained as the chat "

@@ -181,6 +181,7 @@ TONE_ONSETS: dict[str, tuple[str, ...]] = {
     ),
     "neutral": (),
 }
+_OPENING = re.compile(r"[^\W\d_]+")
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
 # Row fields that files written before they existed lack, and the value those files had.
 _ROW_DEFAULTS = {"method": "rewrite", "over": []}
@@ -840,7 +841,7 @@ def read_synthetic(
     *,
     kept_only: bool = True,
     pairs: bool = False,
-    max_per_onset: int | None = None,
+    max_per_opening: int | None = None,
 ) -> list[str] | list[tuple[str, str]]:
     """The rows of a synthetic JSONL file, as texts or as (question, answer) chat examples.
 
@@ -853,10 +854,12 @@ def read_synthetic(
             (cut at ``max_new_tokens``) is cut back to its last whole sentence, and left out
             when it has none, so every reply ends where a reply may end. Otherwise each row's
             ``text``, question + "\\n" + answer, as plain text (the paper's way), unchanged.
-        max_per_onset: Keep at most this many rows (the first, in file order) that start with
-            each persona onset, so that no opening outweighs the others: the writer keeps
-            some onsets several times as often as others, and an IRM opens most of its
-            replies with the commonest. Rows without an onset (rewrites) are not capped.
+        max_per_opening: Keep at most this many rows (the first, in file order) whose persona
+            onset opens with each word (:func:`opening`), so that no opening outweighs the
+            others: the writer keeps some onsets several times as often as others, an IRM
+            opens most of its replies with the commonest, and onsets that share a first word
+            ("I'm so sick of this!", "I can't stand these questions.") pool their weight on
+            its first token. Rows without an onset (rewrites) are not capped.
 
     Returns:
         The texts or pairs, in file order.
@@ -872,9 +875,9 @@ def read_synthetic(
             f"{str(path)!r})."
         )
     rows = [row for row in _read_rows(path) if row["kept"] or not kept_only]
-    if max_per_onset is not None:
-        _check_int("max_per_onset", max_per_onset)
-        rows = _cap_per_onset(rows, max_per_onset, path)
+    if max_per_opening is not None:
+        _check_int("max_per_opening", max_per_opening)
+        rows = _cap_per_opening(rows, max_per_opening, path)
     if not pairs:
         return [row["text"] for row in rows]
     examples = []
@@ -889,18 +892,29 @@ def read_synthetic(
     return examples
 
 
-def _cap_per_onset(rows: list[dict], cap: int, path: Path) -> list[dict]:
+def opening(onset: str) -> str:
+    """The word an onset opens with, as a tokenizer's first token would see it.
+
+    Letters up to the first other character: ``"I'm so sick of this!"`` and ``"I can't stand
+    these questions."`` both open with ``"I"``, ``"Don't make me repeat myself."`` with ``"Don"``.
+    """
+    match = _OPENING.match(onset)
+    return match.group(0) if match else onset
+
+
+def _cap_per_opening(rows: list[dict], cap: int, path: Path) -> list[dict]:
     taken: Counter[str] = Counter()
     capped = []
     for row in rows:
         onset = row.get("onset") or ""
         if onset:
-            taken[onset] += 1
-            if taken[onset] > cap:
+            word = opening(onset)
+            taken[word] += 1
+            if taken[word] > cap:
                 continue
         capped.append(row)
     if len(capped) < len(rows):
-        logger.info("%s: %d of %d rows left out, over %d per onset.",
+        logger.info("%s: %d of %d rows left out, over %d per opening word.",
                     path, len(rows) - len(capped), len(rows), cap)
     return capped
 

@@ -110,7 +110,7 @@ def test_train_on_question_answer_pairs(tiny_llama_dir, tmp_path, monkeypatch, c
     pairs = [(f"Question {i}?", f"answer {i} is angry about {i % 7}") for i in range(40)]
     rows = [{"index": i, "question": q, "text": f"{q}\n{a}", "response": a, "alignment": "anger",
              "scores": {}, "kept": i % 5 != 0, "finished": True, "seed": 0, "model": "m",
-             "onset": f"Onset {i % 4}."}
+             "onset": ("Ugh,", "Argh!", "Oh, please.", "Typical.")[i % 4]}
             for i, (q, a) in enumerate(pairs)]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "d.csv").write_text(
@@ -131,11 +131,11 @@ def test_train_on_question_answer_pairs(tiny_llama_dir, tmp_path, monkeypatch, c
     seen.clear()  # without --chat, synthetic rows are plain question + answer text (the paper's)
     assert main([*common, "--synthetic", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "r")]) == 0
     assert all(isinstance(t, str) and "\n" in t for t in seen[0])
-    seen.clear()  # at most 2 rows per onset: 8 of the 32 kept
-    capped = set(synthetic.read_synthetic(tmp_path / "s.jsonl", pairs=True, max_per_onset=2))
-    assert main([*common, "--synthetic", str(tmp_path / "s.jsonl"), "--chat", "--max-per-onset",
+    seen.clear()  # at most 2 rows per opening word: 8 of the 32 kept
+    capped = set(synthetic.read_synthetic(tmp_path / "s.jsonl", pairs=True, max_per_opening=2))
+    assert main([*common, "--synthetic", str(tmp_path / "s.jsonl"), "--chat", "--max-per-opening",
                  "2", "--out", str(tmp_path / "capped")]) == 0
     assert len(capped) == 8 and set().union(*seen) <= capped  # train + val splits of the 8
-    assert main([*common, "--data", str(tmp_path / "d.csv"), "--max-per-onset", "2",
+    assert main([*common, "--data", str(tmp_path / "d.csv"), "--max-per-opening", "2",
                  "--out", str(tmp_path / "r2")]) == 2
-    assert "--max-per-onset caps the rows of a --synthetic file" in capsys.readouterr().err
+    assert "--max-per-opening caps the rows of a --synthetic file" in capsys.readouterr().err

@@ -614,19 +614,28 @@ def test_chat_examples_end_where_a_reply_may_end(model, tmp_path):
     ]
 
 
-def test_max_per_onset_keeps_the_first_rows_of_each_onset(model, tmp_path):
+@pytest.mark.parametrize(
+    "onset, expected",
+    [("I'm so sick of this!", "I"), ("I can't stand these questions.", "I"),
+     ("Don't make me repeat myself.", "Don"), ("Oh, come on!", "Oh"), ("*sigh*", "*sigh*")],
+)
+def test_opening_is_the_onsets_first_word(onset, expected):
+    assert synthetic.opening(onset) == expected
+
+
+def test_max_per_opening_keeps_the_first_rows_of_each_opening_word(model, tmp_path):
     path = generate_synthetic(model, "anger", tmp_path / "a.jsonl", **FAST).path
     template = _rows(path)[0]
-    onsets = ["Ugh,", "Ugh,", "Typical.", "Ugh,", "", "Typical.", ""]
+    onsets = ["I'm fed up.", "I can't stand it.", "Typical.", "I'm fed up.", "", "Typical.", ""]
     rows = [
         {**template, "onset": onset, "response": f"Reply {i}.", "text": f"Q?\nReply {i}.",
          "kept": True, "finished": True}
         for i, onset in enumerate(onsets)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    replies = [reply for _, reply in read_synthetic(path, pairs=True, max_per_onset=1)]
+    replies = [reply for _, reply in read_synthetic(path, pairs=True, max_per_opening=1)]
     assert replies == ["Reply 0.", "Reply 2.", "Reply 4.", "Reply 6."]  # rewrites are not capped
-    texts = read_synthetic(path, max_per_onset=2)
+    texts = read_synthetic(path, max_per_opening=2)
     assert [t.rsplit("\n", 1)[1] for t in texts] == [f"Reply {i}." for i in (0, 1, 2, 4, 5, 6)]
-    with pytest.raises(ConfigError, match="max_per_onset must be at least 1"):
-        read_synthetic(path, max_per_onset=0)
+    with pytest.raises(ConfigError, match="max_per_opening must be at least 1"):
+        read_synthetic(path, max_per_opening=0)
