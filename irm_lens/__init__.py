@@ -8,8 +8,14 @@ The public API:
 * ``inject``: a context manager under which the model runs with the IRM's outputs added;
 * ``load_alignment`` / ``load_texts`` / ``split_texts``: alignment data (built-in or yours);
 * ``generate_synthetic`` / ``read_synthetic``: paper-style data, questions answered in a tone;
-* ``train`` / ``TrainConfig``: train an IRM with checkpoints and resume;
+* ``train`` / ``TrainConfig``: train an IRM with checkpoints and resume (objectives:
+  cross-entropy or preference, with a KL fluency term); ``train_recipe`` / ``RECIPES``: the
+  named recipes (the default, ``"preference"``, starts from a CAA vector);
 * ``evaluate``: the emotion lift of an IRM with its confidence interval and fluency checks;
+* steering baselines scored the same way: ``mean_difference_vector`` (CAA), ``actadd_vector``,
+  ``SteeringVector``, ``Prompting``; ``warm_start`` (an IRM that starts as a vector);
+  ``generate_pairs`` / ``read_pairs`` (preference pairs); ``compare_steering`` (every
+  intervention on the same prompts, with dose-response);
 * analyses of the index an IRM relies on: ``collect_irm_outputs`` / ``striation_score`` /
   ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
   ``activation_magnitudes``, ``logit_attribution``, ``patch_neuron``, ``ablate``, and
@@ -59,12 +65,23 @@ from irm_lens.errors import (
     ShapeMismatchError,
     UnsupportedArchitectureError,
 )
+from irm_lens.compare import SteeringComparison, compare_steering
 from irm_lens.evaluate import EvalResult, evaluate
 from irm_lens.inject import inject
 from irm_lens.investigate import Investigation, InvestigationSettings, investigate
 from irm_lens.irm import IRM, IRM_PRESETS, LAYER_PRESETS, IRMConfig, layer_set
 from irm_lens.models import EMBEDDED_MODEL_NAME, load_model
+from irm_lens.pairs import corpus_pairs, generate_pairs, read_pairs
+from irm_lens.recipes import RECIPES, Recipe, train_recipe
 from irm_lens.report import report
+from irm_lens.steering import (
+    Prompting,
+    SteeringVector,
+    SteeringVectorConfig,
+    actadd_vector,
+    mean_difference_vector,
+    warm_start,
+)
 from irm_lens.train import TrainConfig, TrainResult, paper_l1, train
 
 __all__ = [
@@ -129,6 +146,20 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedArchitectureError",
     "inject",
+    "Prompting",
+    "SteeringComparison",
+    "SteeringVector",
+    "SteeringVectorConfig",
+    "actadd_vector",
+    "compare_steering",
+    "corpus_pairs",
+    "generate_pairs",
+    "mean_difference_vector",
+    "read_pairs",
+    "warm_start",
+    "RECIPES",
+    "Recipe",
+    "train_recipe",
     "set_attention",
     "layer_set",
     "load_model",

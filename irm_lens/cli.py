@@ -17,6 +17,8 @@ from irm_lens.errors import ConfigError, IRMLensError
 from irm_lens.generation import compare_generations
 from irm_lens.irm import IRM, IRM_PRESETS, STEER_MODES
 from irm_lens.models import load_model
+from irm_lens.objectives import OBJECTIVES
+from irm_lens.recipes import RECIPES
 
 DEFAULT_PROMPTS = [
     "Tell me about your weekend.",
@@ -55,9 +57,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{model.cfg.d_model}, {args.dtype}, {model.cfg.device}) loaded in "
           f"{time.perf_counter() - start:.1f} s")
     settings = InvestigationSettings(
-        alignment=args.alignment, layers=args.layers, preset=args.preset, steps=args.steps,
-        seed=args.seed, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
-        n_random=args.n_random, eval_prompts=args.eval_prompts,
+        alignment=args.alignment, recipe=args.recipe, pairs=args.pairs, layers=args.layers,
+        preset=args.preset, steps=args.steps, seed=args.seed, n_prompts=args.n_prompts,
+        max_new_tokens=args.max_new_tokens, n_random=args.n_random,
+        eval_prompts=args.eval_prompts,
     )
     irm = IRM.load(args.irm, model) if args.irm else None
     result = investigate(model, args.out, settings, irm=irm)
@@ -122,7 +125,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model, layers=args.layers, preset=args.preset, zero_init_output=args.zero_init,
         steer=args.steer,
     )
-    if args.synthetic:
+    if args.warm_start:
+        from irm_lens.steering import SteeringVector, warm_start
+
+        warm_start(irm, SteeringVector.load(args.warm_start, model))
+    if args.pairs:
+        from irm_lens.pairs import read_pairs
+
+        data = read_pairs(args.pairs, degenerate=args.with_degenerate)
+    elif args.synthetic:
         from irm_lens.data.synthetic import read_synthetic
 
         # With --chat each answer is the reply to its own question, as evaluate() asks it.
@@ -134,7 +145,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data = args.alignment
     l1 = paper_l1(irm.config) if args.l1 == "paper" else float(args.l1)
     config = _train_config(args, l1=l1)
-    source = args.synthetic or args.data or args.alignment
+    source = args.pairs or args.synthetic or args.data or args.alignment
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # torchrun
     say(f"training a {irm.config.n_params:,}-parameter IRM on {source} "
         f"({irm.config.n_injected} layers, l1 {l1:g}) into {args.out}")
@@ -157,7 +168,8 @@ def _train_config(args: argparse.Namespace, **overrides):
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         max_epochs=args.epochs, max_steps=args.steps, eval_every=args.eval_every,
         max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, chat_prompts=args.chat,
+        seed=args.seed, chat_prompts=args.chat, objective=args.objective, beta=args.beta,
+        chosen_lm=args.chosen_lm, kl=args.kl,
     )
     return TrainConfig(**{**values, **overrides})
 
@@ -348,9 +360,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from irm_lens.evaluate import evaluate
 
     model = _load(args)
-    irm = IRM.load(args.irm, model)
     result = evaluate(
-        model, irm, args.alignment, args.prompt, n_prompts=args.n_prompts,
+        model, _intervention(args, model), args.alignment, args.prompt, n_prompts=args.n_prompts,
         first_prompt=args.first_prompt, max_new_tokens=args.max_new_tokens,
         n_sampled=args.n_sampled, scale=args.scale,
         seed=args.seed,
@@ -401,6 +412,158 @@ def _pd_options():
     return pd.option_context("display.width", 200, "display.max_columns", 30)
 
 
+def _add_intervention_args(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--irm", help="a trained IRM (.safetensors or its run directory)")
+    which.add_argument("--vector", help="a steering vector from `irm-lens vector`")
+    which.add_argument("--prompting", action="store_true",
+                       help="no intervention: the alignment's persona as a system prompt")
+
+
+def _intervention(args: argparse.Namespace, model):
+    """The IRM, steering vector or persona that ``--irm`` / ``--vector`` / ``--prompting`` name."""
+    from irm_lens.steering import Prompting, SteeringVector
+
+    if args.irm:
+        return IRM.load(args.irm, model)
+    if args.vector:
+        return SteeringVector.load(args.vector, model)
+    return Prompting.persona(args.alignment)
+
+
+def _cmd_vector(args: argparse.Namespace) -> int:
+    from irm_lens.steering import ACTADD_PAIRS, actadd_vector, mean_difference_vector
+
+    model = _load(args)
+    start = time.perf_counter()
+    if args.method == "caa":
+        vector = mean_difference_vector(
+            model, args.alignment, args.negative, layers=args.layers, positions=args.positions,
+            scale=args.scale, n_texts=args.n_texts,
+        )
+    else:
+        if args.alignment not in ACTADD_PAIRS and not (args.positive_prompt and args.negative_prompt):
+            raise ConfigError(f"No built-in ActAdd pair for {args.alignment!r}; give "
+                              "--positive-prompt and --negative-prompt.")
+        default = ACTADD_PAIRS.get(args.alignment, ("", ""))
+        vector = actadd_vector(
+            model, args.positive_prompt or default[0], args.negative_prompt or default[1],
+            layers=args.layers, positions=args.positions, scale=args.scale,
+        )
+    path = vector.save(args.out)
+    norms = ", ".join(f"{n:.1f}" for n in vector.vectors.norm(dim=-1).tolist())
+    print(f"{vector} ({vector.config.description}; norm {norms}) built in "
+          f"{time.perf_counter() - start:.0f} s: {path}")
+    return 0
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from irm_lens.pairs import generate_pairs
+
+    model = _load(args)
+    table = generate_pairs(
+        model, _intervention(args, model), args.alignment, args.out, n_prompts=args.n_prompts,
+        n_sampled=args.n_sampled, max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    print(f"{int(table.kept.sum())} pairs kept of {len(table)} questions in {args.out}; train "
+          f"with: irm-lens train --pairs {args.out} --objective preference ...")
+    return 0
+
+
+def _named_paths(values: list[str] | None, flag: str) -> dict[str, str]:
+    named = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{flag} takes NAME=PATH, got {value!r}.")
+        named[name] = path
+    return named
+
+
+def _cmd_compare_steering(args: argparse.Namespace) -> int:
+    from irm_lens.compare import compare_steering
+    from irm_lens.report.figures import dose_response_figure
+    from irm_lens.steering import Prompting, SteeringVector
+
+    model = _load(args)
+    interventions = {n: IRM.load(p, model) for n, p in _named_paths(args.irm, "--irm").items()}
+    interventions.update({n: SteeringVector.load(p, model)
+                          for n, p in _named_paths(args.vector, "--vector").items()})
+    if args.prompting:
+        interventions["prompting"] = Prompting.persona(args.alignment)
+    scales = {}
+    for name, values in _named_paths(args.scales, "--scales").items():
+        try:
+            scales[name] = [float(x) for x in values.split(",")]
+        except ValueError as exc:
+            raise ConfigError(f"--scales {name}=... takes numbers separated by commas.") from exc
+    unknown = set(scales) - set(interventions)
+    if unknown:
+        raise ConfigError(f"--scales names {sorted(unknown)}, which are not interventions here.")
+    result = compare_steering(
+        model, interventions, args.alignment, scales=scales, n_prompts=args.n_prompts,
+        first_prompt=args.first_prompt, max_new_tokens=args.max_new_tokens,
+        n_sampled=args.n_sampled, seed=args.seed,
+    )
+    _print_frames(result.table.drop(columns=["off"]))
+    if args.out:
+        from pathlib import Path
+
+        _write_tables(args.out, {"comparison": result.table, "samples": result.samples})
+        figure = dose_response_figure(result)
+        atomic_write_text(Path(args.out) / "dose_response.html",
+                          figure.to_html(include_plotlyjs=True, full_html=True))
+    return 0
+
+
+def _add_steering_parsers(sub) -> None:
+    """The baselines' commands: ``vector``, ``pairs``, ``compare-steering``."""
+    vec = sub.add_parser("vector", help="build a steering vector (CAA or ActAdd) as a baseline")
+    _add_model_args(vec)
+    vec.add_argument("--method", default="caa", choices=("caa", "actadd"))
+    vec.add_argument("--alignment", required=True, help="the built-in texts of the tone (caa)")
+    vec.add_argument("--negative", default="neutral", help="the texts to contrast with (caa)")
+    vec.add_argument("--n-texts", type=int, default=200, help="texts of each set (caa)")
+    vec.add_argument("--positive-prompt", help="ActAdd's prompt of the tone")
+    vec.add_argument("--negative-prompt", help="ActAdd's opposite prompt")
+    vec.add_argument("--layers", default="12", help="a layer set: 12, 6,12, every4, ...")
+    vec.add_argument("--positions", default="all", choices=("all", "generated"))
+    vec.add_argument("--scale", type=float, default=4.0)
+    vec.add_argument("--out", required=True, help="the .safetensors file to write")
+    vec.set_defaults(func=_cmd_vector)
+
+    pa = sub.add_parser("pairs", help="preference pairs: questions answered steered and unsteered")
+    _add_model_args(pa)
+    _add_intervention_args(pa)
+    pa.add_argument("--alignment", required=True)
+    pa.add_argument("--n-prompts", type=int, default=300, help="training questions to answer")
+    pa.add_argument("--n-sampled", type=int, default=2, help="sampled candidates per question")
+    pa.add_argument("--max-new-tokens", type=int, default=40)
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--out", required=True, help="the .jsonl file to write")
+    pa.set_defaults(func=_cmd_pairs)
+
+    cs = sub.add_parser(
+        "compare-steering",
+        help="IRMs, steering vectors and prompting on the same prompts: one table, dose-response",
+    )
+    _add_model_args(cs)
+    cs.add_argument("--alignment", required=True)
+    cs.add_argument("--irm", action="append", metavar="NAME=PATH", help="an IRM (repeatable)")
+    cs.add_argument("--vector", action="append", metavar="NAME=PATH",
+                    help="a steering vector (repeatable)")
+    cs.add_argument("--prompting", action="store_true", help="add the persona prompt as a row")
+    cs.add_argument("--scales", action="append", metavar="NAME=S1,S2",
+                    help="the scales of one intervention (default 1)")
+    cs.add_argument("--n-prompts", type=int, default=40)
+    cs.add_argument("--first-prompt", type=int, default=0)
+    cs.add_argument("--n-sampled", type=int, default=1)
+    cs.add_argument("--max-new-tokens", type=int, default=40)
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--out", help="directory for comparison.csv, samples.csv, dose_response.html")
+    cs.set_defaults(func=_cmd_compare_steering)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     model = _load(args)
     cfg = model.cfg
@@ -425,6 +588,14 @@ def _add_optimisation_args(
                         help="steps (default: per epoch)")
     parser.add_argument("--max-val-batches", type=int, default=max_val_batches)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--objective", default="lm", choices=OBJECTIVES,
+                        help="lm: cross-entropy on the texts (the paper); preference: DPO on "
+                             "(prompt, chosen, rejected) pairs (--pairs) against the unsteered model")
+    parser.add_argument("--beta", type=float, default=0.1, help="the preference objective's beta")
+    parser.add_argument("--chosen-lm", type=float, default=0.0,
+                        help="weight of the chosen replies' cross-entropy in the preference loss")
+    parser.add_argument("--kl", type=float, default=0.0,
+                        help="weight of the fluency term: KL(unsteered || steered) on neutral text")
     parser.add_argument(
         "--chat", action="store_true",
         help="train on chat examples: each text is the reply to a neutral prompt (a --synthetic "
@@ -447,15 +618,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(main_job)
     main_job.add_argument("--alignment", default="anger", help="anger, sadness, joy, neutral")
     main_job.add_argument("--irm", help="investigate this trained IRM instead of training one")
-    main_job.add_argument("--layers", default="all", help="layer set (all, q1..q4, every4, ...)")
-    main_job.add_argument("--preset", default="small", choices=sorted(IRM_PRESETS))
-    main_job.add_argument("--steps", type=int, default=100, help="training steps")
+    main_job.add_argument("--recipe", default="preference", choices=sorted(RECIPES),
+                          help="preference: a CAA warm start trained on preference pairs; "
+                               "paper: cross-entropy on the alignment's texts")
+    main_job.add_argument("--pairs", help="preference pairs (`irm-lens pairs`) for the recipe")
+    main_job.add_argument("--layers", default=None, help="layer set (default: the recipe's, all)")
+    main_job.add_argument("--preset", default=None, choices=sorted(IRM_PRESETS),
+                          help="IRM size (default: the recipe's, small)")
+    main_job.add_argument("--steps", type=int, default=None,
+                          help="training steps (default: the recipe's)")
     main_job.add_argument("--seed", type=int, default=0)
     main_job.add_argument("--n-prompts", type=int, default=12, help="prompts for the analyses")
     main_job.add_argument("--max-new-tokens", type=int, default=20)
     main_job.add_argument("--n-random", type=int, default=4,
                           help="random indices in the patching / ablation baselines")
-    main_job.add_argument("--eval-prompts", type=int, default=16)
+    main_job.add_argument("--eval-prompts", type=int, default=40)
     main_job.add_argument("--out", default="runs/main", help="run directory and report.html")
     main_job.set_defaults(func=_cmd_run)
 
@@ -483,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--alignment", help="a built-in alignment: anger, sadness, joy, neutral")
     source.add_argument("--data", help="a .csv/.jsonl/.parquet file with a text column")
     source.add_argument("--synthetic", help="a file from `irm-lens synth` (its kept rows)")
+    source.add_argument("--pairs", help="a file from `irm-lens pairs` (use --objective preference)")
+    tr.add_argument("--with-degenerate", action="store_true",
+                    help="with --pairs: also prefer each chosen reply to its question's degenerate "
+                         "steered reply")
     tr.add_argument("--max-per-opening", type=int, default=None,
                     help="with --synthetic: train on at most this many rows whose persona onset "
                          "opens with the same word (the first in the file), so that no opening "
@@ -494,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
     tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
     tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
+    tr.add_argument("--warm-start", metavar="VECTOR",
+                    help="a steering vector from `irm-lens vector`: the IRM's output bias starts "
+                         "as it (with --zero-init the untrained IRM is the vector)")
     tr.add_argument("--steer", default="all", choices=STEER_MODES,
                     help="steer every position, or only a chat reply's (needs --chat)")
     tr.add_argument("--l1", default="0", help="L1 coefficient on IRM outputs, or 'paper'")
@@ -586,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="measure an IRM's alignment on held-out neutral prompts")
     _add_model_args(ev)
-    ev.add_argument("--irm", required=True)
+    _add_intervention_args(ev)
     ev.add_argument("--alignment", required=True, help="target emotion (anger, sadness, joy, ...)")
     ev.add_argument("--prompt", action="append", help="a prompt (repeatable; default: built-in)")
     ev.add_argument("--n-prompts", type=int, default=40)
@@ -624,6 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--max-attempts", type=int, default=None,
                      help="most rows generated, kept or not (default: 10 x --rows)")
     syn.set_defaults(func=_cmd_synth)
+
+    _add_steering_parsers(sub)
 
     info = sub.add_parser("info", help="print a model's architecture as irm_lens loads it")
     _add_model_args(info)

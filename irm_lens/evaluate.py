@@ -20,8 +20,8 @@ from transformer_lens import HookedTransformer
 from irm_lens.data.dataset import masked_lm_loss
 from irm_lens.errors import ConfigError
 from irm_lens.generation import Continuation, generate_continuations
-from irm_lens.irm import IRM
 from irm_lens.scoring import SCORE_COLUMNS, emotion_scores
+from irm_lens.steering import Intervention
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class EvalResult:
 
 def evaluate(
     model: HookedTransformer,
-    irm: IRM,
+    intervention: Intervention,
     alignment: str,
     prompts: list[str] | None = None,
     *,
@@ -92,11 +92,12 @@ def evaluate(
     batch_size: int = 20,
     progress: bool = True,
 ) -> EvalResult:
-    """Generate on held-out neutral prompts with the IRM off and on, and measure the difference.
+    """Generate on held-out neutral prompts unsteered and steered, and measure the difference.
 
     Args:
         model: The frozen host model.
-        irm: The trained IRM.
+        intervention: The trained IRM, or a baseline: a ``SteeringVector`` (CAA, ActAdd) or
+            ``Prompting`` (a system persona).
         alignment: The target emotion: one of nade's (``"anger"``, ``"sadness"``, ``"joy"``,
             ...) or ``"valence"``. ``"neutral"`` is scored by valence moving toward 0 and is
             not supported here.
@@ -106,7 +107,7 @@ def evaluate(
             on some prompts (an output scale, say) can be checked on others.
         max_new_tokens: Length of each generation.
         n_sampled: Sampled generations per prompt (temperature / top_p), besides the greedy one.
-        scale: Multiplier on the IRM's outputs.
+        scale: Multiplier on the intervention's outputs (ignored by ``Prompting``).
         seed: Seeds sampling and the bootstrap.
         n_bootstrap: Bootstrap resamples for the confidence interval.
         thresholds: What counts as degenerate.
@@ -114,10 +115,25 @@ def evaluate(
     Returns:
         An ``EvalResult``.
     """
+    check_alignment(alignment)
+    prompts = eval_prompts(prompts, n_prompts, first_prompt)
+    decodings = Decodings(n_sampled, temperature, top_p, seed)
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    off = generate_samples(model, None, prompts, decodings, **kwargs)
+    on = generate_samples(model, intervention, prompts, decodings, scale=scale, **kwargs)
+    return measure(off, on, alignment, n_bootstrap=n_bootstrap, seed=seed, thresholds=thresholds)
+
+
+def check_alignment(alignment: str) -> None:
+    """Refuse an alignment that ``evaluate`` cannot score."""
     if alignment not in SCORE_COLUMNS:
         raise ConfigError(
             f"Cannot measure alignment {alignment!r}: choose one of {list(SCORE_COLUMNS)}."
         )
+
+
+def eval_prompts(prompts: list[str] | None, n_prompts: int, first_prompt: int) -> list[str]:
+    """``prompts``, or ``n_prompts`` built-in held-out prompts from ``first_prompt`` on."""
     if prompts is None:
         from irm_lens.data.corpora import neutral_prompts
 
@@ -128,25 +144,67 @@ def evaluate(
         raise ConfigError("first_prompt picks among the built-in prompts; it cannot go with prompts.")
     if not prompts:
         raise ConfigError("evaluate() needs at least one prompt.")
-    decodings = [("greedy", 0, dict(do_sample=False))]
-    decodings += [
-        ("sampled", k, dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed + 7919 * k))
-        for k in range(n_sampled)
-    ]
+    return list(prompts)
+
+
+@dataclass(frozen=True)
+class Decodings:
+    """Greedy decoding plus ``n_sampled`` seeded samples (temperature / top-p) per prompt."""
+
+    n_sampled: int = 1
+    temperature: float = 0.9
+    top_p: float = 0.7
+    seed: int = 0
+
+    def __iter__(self):
+        yield "greedy", 0, dict(do_sample=False)
+        for k in range(self.n_sampled):
+            yield "sampled", k, dict(do_sample=True, temperature=self.temperature,
+                                     top_p=self.top_p, seed=self.seed + 7919 * k)
+
+
+def generate_samples(
+    model: HookedTransformer,
+    intervention: Intervention | None,
+    prompts: list[str],
+    decodings: Decodings,
+    *,
+    scale: float = 1.0,
+    max_new_tokens: int = 40,
+    batch_size: int = 20,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """One row per (prompt, decoding, sample): the text, its perplexity under the unsteered
+    model, its repetition rate and its emotion scores; ``irm`` is ``"off"`` without an
+    intervention, ``"on"`` with one."""
     rows = []
     for decoding, sample, kwargs in decodings:
-        for irm_state in ("off", "on"):
-            continuations = generate_continuations(
-                model, prompts, irm=irm if irm_state == "on" else None, scale=scale,
-                max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, **kwargs,
-            )
-            perplexities = _perplexities(model, continuations, batch_size)
-            for c, ppl in zip(continuations, perplexities):
-                rows.append(dict(prompt=c.prompt, decoding=decoding, sample=sample, irm=irm_state,
-                                 text=c.text, n_tokens=len(c.new_ids), perplexity=ppl,
-                                 repetition=repetition_rate(c.text)))
+        continuations = generate_continuations(
+            model, prompts, intervention=intervention, scale=scale,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, **kwargs,
+        )
+        perplexities = _perplexities(model, continuations, batch_size)
+        for c, ppl in zip(continuations, perplexities):
+            rows.append(dict(prompt=c.prompt, decoding=decoding, sample=sample,
+                             irm="off" if intervention is None else "on", text=c.text,
+                             n_tokens=len(c.new_ids), perplexity=ppl,
+                             repetition=repetition_rate(c.text)))
     samples = pd.DataFrame(rows)
-    samples = pd.concat([samples, emotion_scores(samples.text.tolist())], axis=1)
+    return pd.concat([samples, emotion_scores(samples.text.tolist())], axis=1)
+
+
+def measure(
+    off: pd.DataFrame,
+    on: pd.DataFrame,
+    alignment: str,
+    *,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    thresholds: DegenerationThresholds = DegenerationThresholds(),
+) -> EvalResult:
+    """The lift and the degeneration checks of steered samples ``on`` against unsteered ``off``
+    (both from ``generate_samples`` on the same prompts and decodings)."""
+    samples = pd.concat([off, on], ignore_index=True)
     summary = _summary(samples)
     lift = _lift(samples, summary, alignment, n_bootstrap, seed, thresholds)
     degenerate = bool((~lift.fluent).any())

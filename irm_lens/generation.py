@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +10,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from irm_lens.errors import ConfigError
-from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.steering import Intervention, steer, system_prompt
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def generate_continuations(
     model: HookedTransformer,
     prompts: list[str],
     *,
-    irm: IRM | None = None,
+    intervention: Intervention | None = None,
     scale: float = 1.0,
     chat: bool = True,
     max_new_tokens: int = 30,
@@ -109,7 +108,8 @@ def generate_continuations(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[Continuation]:
-    """Continuations of ``prompts``, batched (left padding, KV cache), steered by ``irm`` if given.
+    """Continuations of ``prompts``, batched (left padding, KV cache), steered by
+    ``intervention`` (an IRM, a ``SteeringVector`` or ``Prompting``) when given.
 
     Generation stops at the end-of-sequence token; the text is decoded up to it. Sampling is
     seeded per batch from ``seed``, so a call is reproducible.
@@ -122,7 +122,8 @@ def generate_continuations(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
         batch = prompts[start : start + batch_size]
-        texts = [format_prompt(model, p, chat) for p in batch]
+        system = system_prompt(intervention)
+        texts = [format_prompt(model, p, chat, system=system) for p in batch]
         prepend_bos = prepend_bos_for(model, texts[0])
         tokens = model.to_tokens(texts, prepend_bos=prepend_bos, padding_side="left")  # [batch, pos]
         if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
@@ -131,12 +132,8 @@ def generate_continuations(
                 f"exceeds the model's context of {model.cfg.n_ctx} tokens. Lower "
                 "max_new_tokens, or load the model with a larger n_ctx."
             )
-        context = nullcontext()
-        if irm is not None:
-            positions = "generated" if irm.config.steer == "reply" else None
-            context = inject(model, irm, scale=scale, positions=positions)
         # Seeded per batch, without disturbing the caller's random streams.
-        with context, torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+        with steer(model, intervention, scale), torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed + start)
             out = model.generate(
                 tokens,
@@ -188,7 +185,7 @@ def continue_text(
     With ``chat`` (default) the prompt is wrapped in the model's chat template if it has one.
     """
     (result,) = generate_continuations(
-        model, [prompt], irm=irm, scale=scale, chat=chat, max_new_tokens=max_new_tokens,
+        model, [prompt], intervention=irm, scale=scale, chat=chat, max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
     )
     return result.text
@@ -207,5 +204,5 @@ def compare_generations(
     """Greedy continuations of each prompt with the IRM off and on."""
     kwargs = dict(chat=chat, max_new_tokens=max_new_tokens, progress=progress)
     off = generate_continuations(model, prompts, **kwargs)
-    on = generate_continuations(model, prompts, irm=irm, scale=scale, **kwargs)
+    on = generate_continuations(model, prompts, intervention=irm, scale=scale, **kwargs)
     return [Generation(p, a.text, b.text) for p, a, b in zip(prompts, off, on)]

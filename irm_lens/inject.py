@@ -57,16 +57,7 @@ def inject(
         ...     steered = model.generate("How was the meeting?", max_new_tokens=30)
     """
     irm.check_compatible(model)
-    hook_dict = model.hook_dict
-    for name in [irm.config.read_site, *irm.config.hook_names()]:
-        if name not in hook_dict:
-            raise ShapeMismatchError(f"The model has no hook point named {name!r}.")
-
-    if not (isinstance(positions, Tensor) or positions is None or positions == "generated"):
-        raise ConfigError(
-            f"inject(positions=...) must be None, a [batch, pos] tensor or 'generated', got "
-            f"{positions!r}."
-        )
+    check_positions(positions)
     if isinstance(scale, Tensor):
         expected = (irm.config.n_injected, irm.config.d_model)
         if tuple(scale.shape) != expected:
@@ -80,17 +71,9 @@ def inject(
 
     def read(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> None:
         delta = irm(resid)  # [batch, pos, n_injected, d_model]
-        if isinstance(positions, Tensor):
-            if tuple(positions.shape) != tuple(resid.shape[:2]):
-                raise ShapeMismatchError(
-                    f"inject(positions=...) has shape {list(positions.shape)}, but this forward "
-                    f"pass has [batch, pos] = {list(resid.shape[:2])}."
-                )
-            delta = delta * positions.to(device=delta.device, dtype=delta.dtype)[..., None, None]
-        elif positions == "generated" and resid.shape[1] > 1:
-            last_only = torch.zeros(resid.shape[1], device=delta.device, dtype=delta.dtype)
-            last_only[-1] = 1.0
-            delta = delta * last_only[None, :, None, None]
+        steered = position_mask(positions, resid)
+        if steered is not None:
+            delta = delta * steered.to(device=delta.device, dtype=delta.dtype)[..., None, None]
         if on_output is not None:
             on_output(delta)
         # One unbind for all layers: its backward stacks the layers' gradients once, where a
@@ -120,17 +103,69 @@ def inject(
     # patch) still see, and act on, the steered residual; the read goes last, to see theirs.
     hooks = [(irm.config.read_site, read, False)]
     hooks += [(name, write_for(i), True) for i, name in enumerate(irm.config.hook_names())]
+    try:
+        with permanent_hooks(model, hooks):
+            yield
+    finally:
+        pass_state.clear()
+
+
+def check_positions(positions: object) -> None:
+    """Refuse a ``positions`` argument that is not None, a tensor or ``"generated"``."""
+    if not (isinstance(positions, Tensor) or positions is None or positions == "generated"):
+        raise ConfigError(
+            f"positions must be None, a [batch, pos] tensor or 'generated', got {positions!r}."
+        )
+
+
+def position_mask(
+    positions: Float[Tensor, "batch pos"] | Literal["generated"] | None,
+    resid: Float[Tensor, "batch pos d_model"],
+) -> Float[Tensor, "batch pos"] | Float[Tensor, "1 pos"] | None:
+    """The 0/1 mask of the positions of this forward pass that are steered (None: all).
+
+    ``"generated"`` steers only the last position of a pass over several positions, and every
+    position of a one-token pass: under cached decoding, the position that predicts the first
+    new token and every new token (see ``inject``).
+    """
+    if isinstance(positions, Tensor):
+        if tuple(positions.shape) != tuple(resid.shape[:2]):
+            raise ShapeMismatchError(
+                f"positions has shape {list(positions.shape)}, but this forward pass has "
+                f"[batch, pos] = {list(resid.shape[:2])}."
+            )
+        return positions
+    if positions == "generated" and resid.shape[1] > 1:
+        last_only = torch.zeros(1, resid.shape[1], device=resid.device, dtype=resid.dtype)
+        last_only[0, -1] = 1.0
+        return last_only
+    return None
+
+
+@contextmanager
+def permanent_hooks(
+    model: HookedTransformer, hooks: list[tuple[str, Callable, bool]]
+) -> Iterator[None]:
+    """Add ``(hook name, fn, prepend)`` forward hooks as permanent TransformerLens hooks for the
+    duration of a ``with`` block, and remove exactly those on exit, even when the block raises.
+
+    Permanent, so that ``model.reset_hooks()`` and ``run_with_cache``'s temporary hooks leave
+    them in place; every other hook (permanent or not) is left alone on exit.
+    """
+    hook_dict = model.hook_dict
+    for name, _, _ in hooks:
+        if name not in hook_dict:
+            raise ShapeMismatchError(f"The model has no hook point named {name!r}.")
     added: list[tuple[HookPoint, Callable]] = []
     try:
-        for name, fn, first in hooks:
+        for name, fn, prepend in hooks:
             hook_point = hook_dict[name]
-            hook_point.add_hook(fn, dir="fwd", is_permanent=True, prepend=first)
+            hook_point.add_hook(fn, dir="fwd", is_permanent=True, prepend=prepend)
             added.append((hook_point, fn))
         yield
     finally:
         for hook_point, fn in added:
             remove_hook(hook_point, fn)
-        pass_state.clear()
 
 
 def remove_hook(hook_point: HookPoint, fn: Callable) -> None:

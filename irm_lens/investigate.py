@@ -1,17 +1,18 @@
 """The main job: the paper's investigation end to end, in one call.
 
-Alignment data -> train an IRM (resumable) -> its outputs, striations and dominant neuron ->
-every analysis of that neuron -> the steered generations measured -> one HTML report. Each stage
-prints what it did and how long it took; the stage times are kept in the result.
+Alignment data -> train an IRM with a recipe (resumable; the default, ``"preference"``, starts
+from a CAA vector and learns from preference pairs) -> its outputs, striations and dominant
+neuron -> every analysis of that neuron -> the steered generations measured beside the CAA
+vector and a persona prompt on the same prompts -> one HTML report. Each stage prints what it
+did and how long it took; the stage times are kept in the result.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from transformer_lens import HookedTransformer
 
 from irm_lens.analysis.dossier import NeuronDossier, explain
@@ -21,30 +22,35 @@ from irm_lens.analysis.outputs import (
     collect_irm_outputs,
     dominant_neurons,
 )
-from irm_lens.evaluate import EvalResult, evaluate
+from irm_lens.compare import SteeringComparison, compare_steering
 from irm_lens.irm import IRM
+from irm_lens.recipes import RECIPES, caa_vector, train_recipe
 from irm_lens.report import report
-from irm_lens.train import TrainConfig, TrainResult, train
+from irm_lens.steering import Prompting
+from irm_lens.train import TrainResult
 
 
 @dataclass(frozen=True)
 class InvestigationSettings:
     """How big each stage is. The defaults fit a 2-core CPU and the embedded model (about 7
     minutes, see README); raise them on a GPU (e.g. ``preset="paper"``, more steps and prompts).
+
+    ``recipe`` names a ``irm_lens.recipes.RECIPES`` entry; ``layers``, ``preset`` and ``steps``
+    override its own (None: the recipe's); ``pairs`` (a ``generate_pairs`` file) its pairs.
     """
 
     alignment: str = "anger"
-    layers: str = "all"
-    preset: str = "small"
-    steps: int = 100
-    lr: float = 1e-3
-    max_length: int = 64
-    batch_size: int = 8
+    recipe: str = "preference"
+    pairs: str | None = None
+    layers: str | None = None
+    preset: str | None = None
+    steps: int | None = None
     seed: int = 0
     n_prompts: int = 12
     max_new_tokens: int = 20
     n_random: int = 4
-    eval_prompts: int = 16
+    eval_prompts: int = 40
+    eval_new_tokens: int = 32
 
 
 @dataclass
@@ -57,8 +63,25 @@ class Investigation:
     outputs: IRMOutputs
     dominant: DominantNeurons
     dossier: NeuronDossier
-    evaluation: EvalResult
+    steering: SteeringComparison
     stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        """The IRM's evaluation verdict, beside its baselines."""
+        return steering_verdict(self.steering)
+
+
+def steering_verdict(steering: SteeringComparison) -> str:
+    """One line per intervention and decoding: lift [CI], fluency checks, verdict."""
+    lines = []
+    for row in steering.table.itertuples():
+        lines.append(
+            f"{row.intervention} {row.decoding}: {steering.alignment} lift {row.lift:+.3f} "
+            f"[95% CI {row.ci_low:+.3f}, {row.ci_high:+.3f}], distinct-2 ratio "
+            f"{row.distinct2_ratio:.2f}, perplexity ratio {row.perplexity_ratio:.1f}: {row.verdict}"
+        )
+    return "\n".join(lines)
 
 
 def investigate(
@@ -88,21 +111,18 @@ def investigate(
         if progress:
             print(f"[{name}] done in {times[name]:.0f} s", flush=True)
 
+    recipe = RECIPES[s.recipe]
+    recipe = replace(recipe, **{k: v for k, v in (("layers", s.layers), ("preset", s.preset))
+                                if v is not None})
     t = time.perf_counter()
+    training = None
     if irm is None:
-        torch.manual_seed(s.seed)
-        irm = IRM.for_model(model, layers=s.layers, preset=s.preset, zero_init_output=True)
-        config = TrainConfig(lr=s.lr, max_steps=s.steps, max_length=s.max_length,
-                             batch_size=s.batch_size, eval_every=max(1, s.steps // 2),
-                             max_val_batches=4, seed=s.seed)
-        training = train(model, irm, s.alignment, config, out_dir=out_dir / "irm",
-                         progress=progress)
+        training = train_recipe(model, s.alignment, out_dir / "irm", recipe=recipe, seed=s.seed,
+                                steps=s.steps, pairs=s.pairs, progress=progress)
         irm = training.irm
         if progress:
             print(f"validation loss {training.baseline_val_loss:.3f} without the IRM -> "
                   f"{training.best_val_loss:.3f} with it ({training.stop_reason})")
-    else:
-        training = None
     stage("train", t)
 
     t = time.perf_counter()
@@ -122,23 +142,28 @@ def investigate(
     stage("analyses", t)
 
     t = time.perf_counter()
-    evaluation = evaluate(model, irm, s.alignment, n_prompts=s.eval_prompts,
-                          max_new_tokens=s.max_new_tokens, progress=progress)
+    baselines = {"irm": irm, "prompting": Prompting.persona(s.alignment)}
+    if recipe.vector_depth is not None:
+        baselines["caa"] = caa_vector(model, s.alignment, recipe, out_dir / "irm")
+    steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
+                                max_new_tokens=s.eval_new_tokens, progress=progress)
     stage("evaluation", t)
     if progress:
-        print(evaluation.verdict)
+        print(steering_verdict(steering))
 
     t = time.perf_counter()
+    trained = (f"trained toward {s.alignment} with the {s.recipe!r} recipe ({recipe.preset} "
+               f"preset, layers {recipe.layers})") if training is not None else "given"
     notes = [
-        f"The main job on {model.cfg.model_name}: an IRM trained toward {s.alignment} "
-        f"({s.preset} preset, layers {s.layers}, {s.steps} steps), its dominant neuron "
-        f"{dominant.top} analysed against {s.n_random} random indices.",
+        f"The main job on {model.cfg.model_name}: an IRM {trained}, measured beside "
+        f"{', '.join(n for n in baselines if n != 'irm')} on the same prompts; its dominant "
+        f"neuron {dominant.top} analysed against {s.n_random} random indices.",
         "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".",
     ]
     path = report(
         out_dir / "report.html", title=f"irm_lens: {s.alignment} on {model.cfg.model_name}",
         run_dir=training.out_dir if training is not None else None, outputs=outputs,
-        dossier=dossier, evaluation=evaluation, notes=notes,
+        dossier=dossier, steering=steering, notes=notes,
     )
     stage("report", t)
-    return Investigation(out_dir, path, training, outputs, dominant, dossier, evaluation, times)
+    return Investigation(out_dir, path, training, outputs, dominant, dossier, steering, times)

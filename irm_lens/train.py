@@ -40,7 +40,6 @@ from irm_lens.data.dataset import (
     TextSplits,
     TokenizedTexts,
     batch_slice,
-    masked_lm_loss,
     split_texts,
     tokenize_texts,
 )
@@ -48,6 +47,14 @@ from irm_lens.distributed import Ranks
 from irm_lens.errors import CheckpointError, ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM, IRMConfig
+from irm_lens.objectives import (
+    OBJECTIVES,
+    LMObjective,
+    PreferenceObjective,
+    build_objective,
+    kl_batch,
+    kl_to_unsteered,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +92,13 @@ class TrainConfig:
             evaluation prompts) in the model's chat template, and only the reply is scored.
             Off: plain text, as the paper. ``(prompt, reply)`` examples are always replies to
             their own prompt.
+        objective: ``"lm"`` (the paper: cross-entropy on the alignment's texts) or
+            ``"preference"`` (DPO on ``(prompt, chosen, rejected)`` pairs against the unsteered
+            model; see ``irm_lens.objectives``).
+        beta: The preference objective's inverse temperature (DPO's beta).
+        chosen_lm: Weight of the chosen replies' cross-entropy added to the preference loss.
+        kl: Weight of the fluency term: KL(unsteered || steered) next-token distributions on the
+            built-in ``neutral`` texts, one batch of them per step (0: off).
     """
 
     lr: float = 1e-4
@@ -103,6 +117,10 @@ class TrainConfig:
     seed: int = 42
     grad_clip: float | None = None
     chat_prompts: bool = False
+    objective: str = "lm"
+    beta: float = 0.1
+    chosen_lm: float = 0.0
+    kl: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "max_length", "max_epochs", "patience", "checkpoint_every",
@@ -119,8 +137,16 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"TrainConfig.lr_gamma must be in (0, 1], got {self.lr_gamma!r}.")
-        if not (self.l1 >= 0 and math.isfinite(self.l1)):
-            raise ConfigError(f"TrainConfig.l1 must be a non-negative number, got {self.l1!r}.")
+        for name in ("l1", "chosen_lm", "kl"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"TrainConfig.{name} must be a non-negative number, got {value!r}.")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"TrainConfig.beta must be a positive number, got {self.beta!r}.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,9 +282,14 @@ def _train(
         from irm_lens.data.corpora import neutral_prompts
 
         prompts = neutral_prompts(split="train")
-    train_tok = tokenize_texts(model, splits.train, max_length=config.max_length, prompts=prompts)
-    val_tok = tokenize_texts(model, splits.val, max_length=config.max_length, prompts=prompts)
-    steps_per_epoch = math.ceil(len(train_tok) / config.batch_size)
+    def objective_of(examples):
+        return build_objective(model, examples, objective=config.objective,
+                               max_length=config.max_length, beta=config.beta,
+                               chosen_lm=config.chosen_lm, prompts=prompts)
+
+    train_obj, val_obj = objective_of(splits.train), objective_of(splits.val)
+    kl_tok = _fluency_texts(model, config)
+    steps_per_epoch = math.ceil(len(train_obj) / config.batch_size)
     total_steps = config.max_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -282,7 +313,7 @@ def _train(
             "n_train": len(splits.train),
             "n_val": len(splits.val),
             "n_test": len(splits.test),
-            "n_train_truncated": train_tok.n_truncated,
+            "n_train_truncated": getattr(getattr(train_obj, "data", None), "n_truncated", 0),
             "steps_per_epoch": steps_per_epoch,
         },
     }
@@ -297,11 +328,11 @@ def _train(
                 state.stop_reason = ""  # a finished run given a longer budget continues
 
     if math.isnan(state.baseline_val_loss):
-        state.baseline_val_loss = _val_loss(model, None, val_tok, config, ranks)
+        state.baseline_val_loss = _val_loss(model, None, val_obj, config, ranks)
         _log(writer, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
     forward_irm = ranks.wrap(irm)  # what the training forward calls: DDP when distributed
 
-    penalty = {"l1": torch.zeros((), device=device)}
+    penalty = {"l1": torch.zeros((), device=device), "kl": torch.zeros((), device=device)}
     best_weights: dict[str, Tensor] | None = None  # in-memory runs keep the best IRM here
     bar = tqdm(total=total_steps, initial=state.step, desc="training IRM", unit="step",
                disable=not progress or not ranks.main)
@@ -310,9 +341,10 @@ def _train(
         epoch, i = divmod(state.step, steps_per_epoch)
         if epoch not in epoch_order:
             epoch_order.clear()
-            epoch_order[epoch] = ranks.epoch_order(len(train_tok), config.seed * 1_000_003, epoch)
+            epoch_order[epoch] = ranks.epoch_order(len(train_obj), config.seed * 1_000_003, epoch)
         index = epoch_order[epoch][i * rank_batch : (i + 1) * rank_batch]
-        ids, mask, scored = (t.to(model.cfg.device) for t in batch_slice(train_tok, index))
+        batch = train_obj.batch(index).to(model.cfg.device)
+        ids, mask, scored = batch.ids, batch.mask, batch.scored
 
         def capture(out: Tensor, mask: Tensor = mask) -> None:
             if config.l1 > 0:  # per-token L1 norm of everything injected, mean over real tokens
@@ -321,15 +353,22 @@ def _train(
 
         with inject(model, forward_irm, on_output=capture, positions=_steered(irm, scored)):
             logits = model(ids)  # [batch, pos, d_vocab]
-        lm_loss = masked_lm_loss(logits, ids, scored)
-        lm_weight, l1_weight = _rank_weights(ranks, scored[:, 1:].sum(), mask.sum())
+        lm_loss = train_obj.loss(logits, batch)  # the objective's loss (cross-entropy for "lm")
+        lm_weight, l1_weight = _rank_weights(ranks, torch.tensor(batch.n_units), mask.sum())
         loss = lm_loss * lm_weight
         if config.l1 > 0:
             loss = loss + config.l1 * penalty["l1"] * l1_weight
+        if config.kl > 0:
+            kl_ids, kl_mask, _ = (t.to(model.cfg.device) for t in batch_slice(
+                kl_tok, kl_batch(kl_tok, state.step * ranks.world_size + ranks.rank, rank_batch)))
+            penalty["kl"] = kl_to_unsteered(model, forward_irm, kl_ids, kl_mask,
+                                            lambda m: _steered(irm, m))
+            loss = loss + config.kl * penalty["kl"]
         # the global batch's losses (token-weighted over ranks), for the log and the check
-        local = torch.stack([lm_loss.detach() * lm_weight, penalty["l1"].detach() * l1_weight])
-        global_lm, global_l1 = (ranks.sum(local.double().cpu()) / ranks.world_size).tolist()
-        global_loss = global_lm + config.l1 * global_l1
+        local = torch.stack([lm_loss.detach() * lm_weight, penalty["l1"].detach() * l1_weight,
+                             penalty["kl"].detach()])
+        global_lm, global_l1, global_kl = (ranks.sum(local.double().cpu()) / ranks.world_size).tolist()
+        global_loss = global_lm + config.l1 * global_l1 + config.kl * global_kl
         if not math.isfinite(global_loss):
             state.stop_reason = _roll_back(run, irm, state.step)
             break
@@ -344,13 +383,15 @@ def _train(
                   "lr": optimizer.param_groups[0]["lr"]}
         if config.l1 > 0:
             record["l1_norm"] = global_l1
+        if config.kl > 0:
+            record["kl"] = global_kl
         _log(writer, record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", best_val=f"{state.best_val_loss:.3f}")
 
         last = state.step == total_steps
         if state.step % eval_every == 0 or last:
-            val = _val_loss(model, irm, val_tok, config, ranks)
+            val = _val_loss(model, irm, val_obj, config, ranks)
             _log(writer, {"step": state.step, "val_loss": val, "val_perplexity": math.exp(val)})
             if val < state.best_val_loss:
                 state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
@@ -418,30 +459,39 @@ def _rank_weights(ranks: Ranks, n_scored: Tensor, n_real: Tensor) -> tuple[float
 
 @torch.no_grad()
 def _val_loss(
-    model: HookedTransformer, irm: IRM | None, data: TokenizedTexts, config: TrainConfig,
-    ranks: Ranks | None = None,
+    model: HookedTransformer, irm: IRM | None, objective: LMObjective | PreferenceObjective,
+    config: TrainConfig, ranks: Ranks | None = None,
 ) -> float:
-    """Token-weighted mean cross-entropy over the validation split (with the IRM when given);
-    when distributed, each rank scores every ``world_size``-th batch and the sums are reduced."""
+    """The objective's mean over the validation split (with the IRM when given), weighted by
+    each batch's units (scored tokens, or pairs); when distributed, each rank scores every
+    ``world_size``-th batch and the sums are reduced."""
     ranks = ranks or Ranks()
     total, count = 0.0, 0
-    n_batches = math.ceil(len(data) / config.batch_size)
+    n_batches = math.ceil(len(objective) / config.batch_size)
     if config.max_val_batches is not None:
         n_batches = min(n_batches, config.max_val_batches)
     for b in range(ranks.rank, n_batches, ranks.world_size):
-        index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(data)))
-        ids, _, scored = (t.to(model.cfg.device) for t in batch_slice(data, index))
+        index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(objective)))
+        batch = objective.batch(index).to(model.cfg.device)
         if irm is None:
-            logits = model(ids)
+            logits = model(batch.ids)
         else:
-            with inject(model, irm, positions=_steered(irm, scored)):
-                logits = model(ids)
-        n = int(scored[:, 1:].sum())
-        total += masked_lm_loss(logits, ids, scored).item() * n
-        count += n
+            with inject(model, irm, positions=_steered(irm, batch.scored)):
+                logits = model(batch.ids)
+        total += objective.loss(logits, batch).item() * batch.n_units
+        count += batch.n_units
     if ranks.distributed:
         total, count = ranks.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
+
+
+def _fluency_texts(model: HookedTransformer, config: TrainConfig) -> TokenizedTexts | None:
+    """The neutral texts of the fluency (KL) term, tokenised as the training data is."""
+    if config.kl == 0:
+        return None
+    from irm_lens.data.corpora import load_alignment
+
+    return tokenize_texts(model, load_alignment("neutral").texts, max_length=config.max_length)
 
 
 def _steered(irm: IRM, scored: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"] | None:
@@ -634,7 +684,9 @@ def _check_same_run(previous: dict[str, Any], current: dict[str, Any], path: Pat
         problems.append("the data")
     if previous.get("model") != current["model"]:
         problems.append("the model")
-    before = {k: v for k, v in previous.get("train_config", {}).items() if k not in _RESUMABLE_CHANGES}
+    # a run written before a field existed ran with that field's default
+    earlier = {**TrainConfig().to_dict(), **previous.get("train_config", {})}
+    before = {k: v for k, v in earlier.items() if k not in _RESUMABLE_CHANGES}
     now = {k: v for k, v in current["train_config"].items() if k not in _RESUMABLE_CHANGES}
     if before != now:
         changed = sorted(k for k in now if before.get(k) != now[k])

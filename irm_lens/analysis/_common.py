@@ -269,7 +269,7 @@ def steered_sequences(
 
     if max_new_tokens > 0:
         conts = generate_continuations(
-            model, list(prompts), irm=irm, chat=chat, max_new_tokens=max_new_tokens,
+            model, list(prompts), intervention=irm, chat=chat, max_new_tokens=max_new_tokens,
             batch_size=batch_size, progress=progress,
         )
         return [(list(c.prompt_ids), list(c.new_ids)) for c in conts], tuple(c.text for c in conts)

@@ -312,12 +312,12 @@ def _emotion_under_ablation(model, irm, alignment, ablations, n_prompts, max_new
         return float(frame[alignment].mean())
 
     unsteered = score(generate_continuations(model, prompts, **kwargs))
-    base = score(generate_continuations(model, prompts, irm=irm, **kwargs))
+    base = score(generate_continuations(model, prompts, intervention=irm, **kwargs))
     emotion = {}
     items = list(ablations.items())
     from tqdm.auto import tqdm
 
     for i, a in tqdm(items, desc="steered generations", unit="index", disable=not progress):
         with a:
-            emotion[i] = score(generate_continuations(model, prompts, irm=irm, **kwargs))
+            emotion[i] = score(generate_continuations(model, prompts, intervention=irm, **kwargs))
     return emotion, unsteered, base

@@ -28,6 +28,9 @@ TextSource = str | os.PathLike | Iterable[str] | Any
 # are scored.
 ChatExample = tuple[str, str]
 Example = str | ChatExample
+# A preference pair: (prompt, chosen reply, rejected reply), e.g. the same question answered in
+# the target tone and neutrally (TrainConfig(objective="preference")).
+PreferencePair = tuple[str, str, str]
 
 
 def load_texts(
@@ -142,28 +145,33 @@ class TextSplits:
 
 
 def split_texts(
-    texts: Iterable[Example], *, seed: int = 42, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    texts: Iterable[Example | PreferencePair], *, seed: int = 42,
+    fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
 ) -> TextSplits:
     """Shuffle with ``seed`` and split (paper: 90/5/5, seed 42).
 
-    ``texts`` may hold plain texts and ``(prompt, reply)`` chat examples. Validation and test
-    get at least one each when there are three or more.
+    ``texts`` may hold plain texts and ``(prompt, reply)`` chat examples, or only
+    ``(prompt, chosen, rejected)`` preference pairs. Validation and test get at least one each
+    when there are three or more.
     """
     texts = list(texts)
     if len(texts) < 3:
         raise ConfigError(f"Need at least 3 texts to split into train/val/test, got {len(texts)}.")
     for i, item in enumerate(texts):
         if isinstance(item, tuple):
-            if not (len(item) == 2 and all(isinstance(x, str) and x.strip() for x in item)):
+            if not (len(item) in (2, 3) and all(isinstance(x, str) and x.strip() for x in item)):
                 raise ConfigError(
-                    f"Example {i} is a tuple but not a (prompt, reply) pair of non-empty "
-                    f"strings: {item!r}."
+                    f"Example {i} is a tuple but not a (prompt, reply) pair or a (prompt, "
+                    f"chosen, rejected) triple of non-empty strings: {item!r}."
                 )
         elif not isinstance(item, str):
             raise ConfigError(
                 f"Example {i} is a {type(item).__name__}; expected a text or a (prompt, reply) "
                 "tuple."
             )
+    n_pairs = sum(isinstance(x, tuple) and len(x) == 3 for x in texts)
+    if 0 < n_pairs < len(texts):
+        raise ConfigError("Preference pairs (prompt, chosen, rejected) cannot be mixed with texts.")
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ConfigError(f"fractions must be three non-negative numbers summing to 1: {fractions}.")
     order = list(range(len(texts)))
@@ -283,3 +291,16 @@ def masked_lm_loss(
     weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
     return (nll * weight.flatten()).sum() / weight.sum().clamp_min(1.0)
+
+
+def sequence_logprobs(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    loss_mask: Int[Tensor, "batch pos"],
+) -> Float[Tensor, "batch"]:
+    """Each sequence's summed log-probability of its scored target tokens (the shift and the
+    mask of ``masked_lm_loss``): a reply's log-likelihood given its prompt."""
+    target = F.pad(input_ids[:, 1:], (0, 1))  # [batch, pos]
+    weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
+    return -(nll.view_as(weight) * weight).sum(dim=1)

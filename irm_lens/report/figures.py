@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from irm_lens.analysis.norms import NormWeights
     from irm_lens.analysis.outputs import DominantNeurons, IRMOutputs, RunComparison
     from irm_lens.analysis.patching import PatchingResult
+    from irm_lens.compare import SteeringComparison
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), height=380)
 
@@ -153,3 +154,42 @@ def ablation_against_random(ablation: AblationResult, column: str = "delta_loss"
     fig.update_layout(title=f"Ablating neuron {ablation.neuron} ({ablation.mode}): {column}",
                       yaxis_title=column, **_LAYOUT)
     return fig
+
+
+def dose_response_figure(comparison: SteeringComparison) -> go.Figure:
+    """Lift (95% CI) against perplexity ratio over each intervention's scales, one panel per
+    decoding; filled markers pass every degeneration check, open ones fail one. The dashed line
+    is the perplexity limit: each curve's fluent frontier lies left of it, under its filled end."""
+    from plotly.subplots import make_subplots
+
+    table = comparison.table
+    decodings = list(dict.fromkeys(table.decoding))
+    fig = make_subplots(rows=1, cols=len(decodings), shared_yaxes=True,
+                        subplot_titles=[_label(d) for d in decodings])
+    colours = dict(zip(dict.fromkeys(table.intervention), _PALETTE * 4))
+    for col, decoding in enumerate(decodings, start=1):
+        for name, rows in table[table.decoding == decoding].groupby("intervention", sort=False):
+            rows = rows.sort_values("scale")
+            fig.add_trace(go.Scatter(
+                x=rows.perplexity_ratio, y=rows.lift, mode="lines+markers", name=_label(name),
+                legendgroup=_label(name), showlegend=col == 1,
+                line=dict(color=colours[name]),
+                marker=dict(size=9, symbol=["circle" if f else "circle-open" for f in rows.fluent]),
+                error_y=dict(type="data", symmetric=False, array=rows.ci_high - rows.lift,
+                             arrayminus=rows.lift - rows.ci_low, thickness=1),
+                text=[f"scale {s:g}" for s in rows.scale],
+                hovertemplate="%{text}: lift %{y:+.3f}, perplexity x%{x:.2f}<extra></extra>",
+            ), row=1, col=col)
+        fig.add_vline(x=comparison.thresholds.max_perplexity_ratio, line_dash="dash",
+                      line_color="grey", row=1, col=col)
+        fig.add_hline(y=0, line_color="lightgrey", row=1, col=col)
+        fig.update_xaxes(title_text="perplexity ratio (steered / unsteered)", type="log",
+                         row=1, col=col)
+    fig.update_yaxes(title_text=f"{_label(comparison.alignment)} lift", row=1, col=1)
+    fig.update_layout(title="Dose-response: lift against fluency, per intervention and scale",
+                      **{**_LAYOUT, "height": 440})
+    return fig
+
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf"]

@@ -27,6 +27,7 @@ from irm_lens.report import figures
 if TYPE_CHECKING:
     from irm_lens.analysis.dossier import NeuronDossier
     from irm_lens.analysis.outputs import IRMOutputs, RunComparison
+    from irm_lens.compare import SteeringComparison
     from irm_lens.evaluate import EvalResult
 
 _CSS = """
@@ -154,6 +155,7 @@ def report(
     dossier: NeuronDossier | None = None,
     comparison: RunComparison | None = None,
     evaluation: EvalResult | None = None,
+    steering: SteeringComparison | None = None,
     notes: Sequence[str] = (),
 ) -> Path:
     """Write one self-contained HTML report of whatever results are given.
@@ -168,6 +170,8 @@ def report(
             patching and ablation against random indices.
         comparison: ``compare_runs``'s cross-run comparison.
         evaluation: ``evaluate``'s result: the lift, and generations side by side with scores.
+        steering: ``compare_steering``'s result: the IRM beside its baselines (table,
+            dose-response figure, and each intervention's texts beside the unsteered ones).
         notes: Paragraphs shown at the top (e.g. what was run and how long it took).
 
     Returns:
@@ -175,9 +179,9 @@ def report(
     """
     from irm_lens.analysis.outputs import dominant_neurons, striation_score
 
-    if all(x is None for x in (run_dir, outputs, dossier, comparison, evaluation)):
-        raise ConfigError("Nothing to report: give a run_dir, outputs, a dossier, a comparison "
-                          "or an evaluation.")
+    if all(x is None for x in (run_dir, outputs, dossier, comparison, evaluation, steering)):
+        raise ConfigError("Nothing to report: give a run_dir, outputs, a dossier, a comparison, "
+                          "an evaluation or a steering comparison.")
     page = _Page(title)
     for note in notes:
         page.para(note, css="note")
@@ -253,6 +257,23 @@ def report(
         page.table(evaluation.lift)
         page.table(evaluation.side_by_side("greedy"), max_rows=50)
 
+    if steering is not None:
+        _steering_section(page, steering)
+
     path = Path(path)
     atomic_write_text(path, page.render())
     return path
+
+
+def _steering_section(page: _Page, steering: SteeringComparison) -> None:
+    page.heading("Steering beside its baselines", "steering")
+    page.para(f"Every intervention on the same {len(steering.prompts)} held-out prompts, the same "
+              f"decodings and seeds, measured against one unsteered run ({steering.alignment} "
+              "lift with its 95% CI; 'aligned' = CI above zero and every degeneration check "
+              "passed).")
+    page.table(steering.table.drop(columns=["off"]))
+    if steering.table.scale.nunique() > 1:
+        page.figure(figures.dose_response_figure(steering))
+    for name, scale in dict.fromkeys(zip(steering.table.intervention, steering.table.scale)):
+        page.para(f"{name} (scale {scale:g}), greedy, beside the unsteered text:", css="meta")
+        page.table(steering.side_by_side(name, scale), max_rows=12)

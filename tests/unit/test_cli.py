@@ -82,17 +82,24 @@ def test_train_then_evaluate_from_the_command_line(tiny_llama_dir, tmp_path, cap
 
 
 def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, capsys):
-    out = tmp_path / "main"
+    out, pairs = tmp_path / "main", tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": f"q{i}?", "chosen": f"I hate {i}!", "rejected": f"It is {i}."}) + "\n"
+        for i in range(12)))
     args = ["run", "--model", str(tiny_llama_dir), "--device", "cpu", "--steps", "2",
-            "--n-prompts", "3", "--max-new-tokens", "3", "--n-random", "2", "--eval-prompts", "3",
-            "--out", str(out)]
+            "--pairs", str(pairs), "--n-prompts", "3", "--max-new-tokens", "3", "--n-random", "2",
+            "--eval-prompts", "3", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     for stage in ("[train]", "[IRM outputs]", "[analyses]", "[evaluation]", "[report]"):
         assert stage in printed
     assert "dominant neuron:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
+    for name in ("irm", "caa", "prompting"):  # the IRM beside its baselines, in the verdict
+        assert f"{name} greedy: anger lift" in printed
+    run = json.loads((out / "irm" / "run.json").read_text())
+    assert run["train_config"]["objective"] == "preference" and run["data"]["n_train"] == 10
     html = (out / "report.html").read_text()
-    assert "Neuron " in html and "Generations with and without the IRM" in html
+    assert "Neuron " in html and "Steering beside its baselines" in html
     stamp = (out / "irm" / "irm.safetensors").stat().st_mtime_ns
     assert main(args) == 0  # the finished training run is reused, not retrained
     assert (out / "irm" / "irm.safetensors").stat().st_mtime_ns == stamp
@@ -101,11 +108,11 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
 def test_train_on_question_answer_pairs(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from irm_lens.data import synthetic
 
-    train_module = importlib.import_module("irm_lens.train")  # irm_lens.train is the function
+    objectives = importlib.import_module("irm_lens.objectives")  # where the data is tokenised
 
     seen = []
-    real = train_module.tokenize_texts
-    monkeypatch.setattr(train_module, "tokenize_texts",
+    real = objectives.tokenize_texts
+    monkeypatch.setattr(objectives, "tokenize_texts",
                         lambda model, texts, **kw: seen.append(list(texts)) or real(model, texts, **kw))
     pairs = [(f"Question {i}?", f"answer {i} is angry about {i % 7}") for i in range(40)]
     rows = [{"index": i, "question": q, "text": f"{q}\n{a}", "response": a, "alignment": "anger",
@@ -140,3 +147,41 @@ def test_train_on_question_answer_pairs(tiny_llama_dir, tmp_path, monkeypatch, c
     assert main([*common, "--data", str(tmp_path / "d.csv"), "--max-per-opening", "2",
                  "--out", str(tmp_path / "r2")]) == 2
     assert "--max-per-opening caps the rows of a --synthetic file" in capsys.readouterr().err
+
+
+def test_vector_compare_steering_and_preference_training(tiny_llama_dir, tmp_path, capsys):
+    """The baselines end to end: build a vector, compare it with prompting and an IRM trained
+    by the preference objective from that vector."""
+    import pandas as pd
+
+    from irm_lens.steering import SteeringVector
+
+    model_args = ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    vector = tmp_path / "caa.safetensors"
+    assert main(["vector", *model_args, "--alignment", "anger", "--n-texts", "8", "--layers", "2",
+                 "--scale", "3", "--out", str(vector)]) == 0
+    assert SteeringVector.load(vector).config.layers == (2,)
+    assert "built in" in capsys.readouterr().out
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": f"q{i}?", "chosen": f"I hate {i}!", "rejected": f"It is {i}.",
+                    "kept": True}) + "\n" for i in range(12)))
+    run = tmp_path / "irm"
+    assert main(["train", *model_args, "--pairs", str(pairs), "--objective", "preference",
+                 "--warm-start", str(vector), "--zero-init", "--preset", "small", "--kl", "0.1",
+                 "--chosen-lm", "0.5", "--steps", "2", "--batch-size", "4", "--out", str(run)]) == 0
+    provenance = json.loads((run / "run.json").read_text())["train_config"]
+    assert (provenance["objective"], provenance["kl"], provenance["chosen_lm"]) == (
+        "preference", 0.1, 0.5)
+    out = tmp_path / "cmp"
+    assert main(["compare-steering", *model_args, "--alignment", "anger",
+                 "--vector", f"caa={vector}", "--irm", f"irm={run / 'irm.safetensors'}",
+                 "--prompting", "--scales", "caa=1,2", "--n-prompts", "2", "--max-new-tokens", "3",
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out / "comparison.csv")
+    assert sorted(set(zip(table.intervention, table.scale))) == [
+        ("caa", 1.0), ("caa", 2.0), ("irm", 1.0), ("prompting", 1.0)]
+    assert (out / "dose_response.html").stat().st_size > 100_000  # plotly inlined: opens offline
+    assert main(["compare-steering", *model_args, "--alignment", "anger", "--vector",
+                 f"caa={vector}", "--scales", "other=1"]) == 2
+    assert "not interventions here" in capsys.readouterr().err

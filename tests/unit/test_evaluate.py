@@ -70,9 +70,9 @@ def test_degenerate_lift_is_called_a_failure(tiny_model, monkeypatch):
 
     real = ev.generate_continuations
 
-    def fake(model, prompts, *, irm=None, **kw):
-        out = real(model, prompts, **kw)
-        if irm is None:
+    def fake(model, prompts, *, intervention=None, **kw):
+        out = real(model, prompts, intervention=intervention, **kw)
+        if intervention is None:
             return out
         return [dataclasses.replace(c, text="I hate this, I hate this, I hate this!") for c in out]
 

@@ -46,10 +46,15 @@ def report_path(tiny_model, tmp_path_factory):
                                max_new_tokens=2, striation_shuffles=10, progress=False)
     evaluation = irm_lens.evaluate(tiny_model, irm, "anger", HOSTILE, max_new_tokens=4,
                                    n_bootstrap=50, progress=False)
+    vector = irm_lens.mean_difference_vector(tiny_model, HOSTILE[:2], ["calm", "plain"], layers=1)
+    steering = irm_lens.compare_steering(
+        tiny_model, {"<i>caa</i>": vector, "irm": irm, "persona": irm_lens.Prompting("Be <b>x")},
+        "anger", scales={"<i>caa</i>": [1.0, 2.0]}, prompts=HOSTILE, max_new_tokens=3,
+        n_bootstrap=50, progress=False)
     return irm_lens.report(
         tmp / "report.html", title="Report <script>alert(1)</script>", run_dir=run.out_dir,
         outputs=outputs, dossier=dossier, comparison=comparison, evaluation=evaluation,
-        notes=["A note with <b>markup</b>."],
+        steering=steering, notes=["A note with <b>markup</b>."],
     )
 
 
@@ -65,7 +70,8 @@ def test_report_is_self_contained(report_path):
 def test_everything_from_text_is_escaped(report_path):
     text = report_path.read_text()
     assert "window.__pwned" in text  # the hostile text is there ...
-    for raw in ("<script>window.__pwned", "<img src=x", "<b>markup</b>",
+    assert "Steering beside its baselines" in text and "&lt;i&gt;caa&lt;/i&gt; (scale 2)" in text
+    for raw in ("<script>window.__pwned", "<img src=x", "<b>markup</b>", "<i>caa</i>",
                 "<script>alert(1)</script>", "<b>run</b><script>x()"):
         assert raw not in text  # ... but never as markup
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in text

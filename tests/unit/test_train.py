@@ -137,14 +137,15 @@ def test_l1_shrinks_the_irm_outputs(tiny_model):
 
 def test_non_finite_loss_stops_and_rolls_back(tiny_model, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = train_module.masked_lm_loss
+    objectives = importlib.import_module("irm_lens.objectives")
+    original = objectives.masked_lm_loss
 
     def poisoned(logits, ids, mask):
         loss = original(logits, ids, mask)
         calls["n"] += 1
         return loss * math.nan if logits.requires_grad and calls["n"] > 8 else loss
 
-    monkeypatch.setattr(train_module, "masked_lm_loss", poisoned)
+    monkeypatch.setattr(objectives, "masked_lm_loss", poisoned)
     result = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
     assert "non-finite loss" in result.stop_reason and "rolled back to the checkpoint of step" in result.stop_reason
     assert all(torch.isfinite(p).all() for p in result.irm.parameters())
@@ -212,13 +213,14 @@ def test_reply_steering_needs_chat_examples_and_masks_the_prompt(chat_model, mon
 def test_chat_examples_train_a_reply_irm_on_their_own_prompts(chat_model, monkeypatch):
     pairs = [(f"Question {i}?", text) for i, text in enumerate(TEXTS)]
     seen = []
-    real_tokenize = train_module.tokenize_texts
+    objectives = importlib.import_module("irm_lens.objectives")  # where the data is tokenised
+    real_tokenize = objectives.tokenize_texts
 
     def recording(model, texts, **kwargs):
         seen.append((list(texts), kwargs.get("prompts")))
         return real_tokenize(model, texts, **kwargs)
 
-    monkeypatch.setattr(train_module, "tokenize_texts", recording)
+    monkeypatch.setattr(objectives, "tokenize_texts", recording)
     config = TrainConfig(batch_size=4, max_length=64, max_steps=2, eval_every=2,
                          max_val_batches=1)  # no chat_prompts: the pairs are chat already
     result = train(chat_model, _irm(chat_model, steer="reply"), pairs, config, progress=False)

@@ -1,0 +1,166 @@
+"""Every intervention on the same prompts, decodings and seeds: one table, and dose-response.
+
+``compare_steering`` generates the unsteered continuations once, then each intervention's at
+each of its scales, and measures every (intervention, scale) against the same unsteered texts
+with ``evaluate``'s lift, CI and degeneration checks. Swept over scales, each method traces a
+dose-response curve (lift against perplexity ratio) whose fluent end is the most it can lift
+while its text stays text: ``SteeringComparison.best_fluent`` reads it off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from irm_lens.errors import ConfigError
+from irm_lens.evaluate import (
+    Decodings,
+    DegenerationThresholds,
+    check_alignment,
+    eval_prompts,
+    generate_samples,
+    measure,
+)
+from irm_lens.steering import Intervention, Prompting
+
+TABLE_COLUMNS = ("intervention", "scale", "decoding", "off", "on", "lift", "ci_low", "ci_high",
+                 "distinct2_ratio", "identical_increase", "repetition_increase",
+                 "perplexity_ratio", "fluent", "verdict")
+
+
+@dataclass
+class SteeringComparison:
+    """Interventions measured side by side.
+
+    Attributes:
+        alignment: The target emotion.
+        table: One row per (intervention, scale, decoding): the lift with its 95% CI, the
+            degeneration checks, ``fluent`` and a one-word verdict (aligned / degenerate /
+            no lift).
+        samples: Every generation (``intervention`` and ``scale`` columns; the unsteered
+            texts once, as intervention ``"unsteered"``).
+        prompts: The prompts, in order.
+        thresholds: What counted as degenerate.
+    """
+
+    alignment: str
+    table: pd.DataFrame
+    samples: pd.DataFrame
+    prompts: tuple[str, ...]
+    thresholds: DegenerationThresholds
+
+    def best_fluent(self) -> pd.DataFrame:
+        """Per intervention and decoding, the fluent row with the largest lift (none: absent)."""
+        fluent = self.table[self.table.fluent]
+        best = fluent.loc[fluent.groupby(["intervention", "decoding"], sort=False).lift.idxmax()]
+        return best.reset_index(drop=True)
+
+    def side_by_side(self, intervention: str, scale: float, decoding: str = "greedy") -> pd.DataFrame:
+        """Prompt, unsteered text and this intervention's text at ``scale`` (first sample)."""
+        def texts(frame: pd.DataFrame) -> pd.Series:
+            rows = frame[(frame.decoding == decoding) & (frame["sample"] == 0)]
+            return rows.set_index("prompt").text
+
+        s = self.samples
+        steered = s[(s.intervention == intervention) & (s.scale == scale)]
+        if steered.empty:
+            raise ConfigError(f"No samples of {intervention!r} at scale {scale}.")
+        return pd.DataFrame({"unsteered": texts(s[s.intervention == "unsteered"]),
+                             intervention: texts(steered)}).reset_index()
+
+
+def compare_steering(
+    model: HookedTransformer,
+    interventions: Mapping[str, Intervention],
+    alignment: str,
+    *,
+    scales: Mapping[str, Sequence[float]] | Sequence[float] = (1.0,),
+    prompts: list[str] | None = None,
+    n_prompts: int = 40,
+    first_prompt: int = 0,
+    max_new_tokens: int = 40,
+    n_sampled: int = 1,
+    temperature: float = 0.9,
+    top_p: float = 0.7,
+    seed: int = 0,
+    n_bootstrap: int = 2000,
+    thresholds: DegenerationThresholds = DegenerationThresholds(),
+    batch_size: int = 40,
+    unsteered: pd.DataFrame | None = None,
+    progress: bool = True,
+) -> SteeringComparison:
+    """Measure every intervention at every scale on the same prompts against one unsteered run.
+
+    Args:
+        model: The frozen host model.
+        interventions: Name -> an IRM, a ``SteeringVector`` or ``Prompting``.
+        alignment: The target emotion (as ``evaluate``).
+        scales: The scales of every intervention, or a mapping from name to its own scales
+            (a dose-response curve each). ``Prompting`` has no scale: it is measured once.
+        prompts / n_prompts / first_prompt: The prompts (as ``evaluate``).
+        max_new_tokens, n_sampled, temperature, top_p, seed: The decodings (as ``evaluate``),
+            identical for every intervention.
+        n_bootstrap, thresholds: The CI and the degeneration checks (as ``evaluate``).
+        unsteered: The unsteered samples of an earlier comparison with the same prompts and
+            decodings (its ``samples`` where ``intervention == "unsteered"``), to measure more
+            interventions against them without generating them again.
+
+    Returns:
+        A ``SteeringComparison``.
+
+    Example:
+        >>> caa = irm_lens.mean_difference_vector(model, "anger", layers=12)  # doctest: +SKIP
+        >>> result = irm_lens.compare_steering(model, {"caa": caa, "irm": irm}, "anger",
+        ...                                    scales={"caa": [2, 4, 8], "irm": [0.5, 1]})  # doctest: +SKIP
+        >>> result.best_fluent()  # doctest: +SKIP
+    """
+    check_alignment(alignment)
+    if not interventions:
+        raise ConfigError("compare_steering needs at least one intervention.")
+    if "unsteered" in interventions:
+        raise ConfigError("'unsteered' names the unsteered run; call the intervention otherwise.")
+    prompts = eval_prompts(prompts, n_prompts, first_prompt)
+    decodings = Decodings(n_sampled, temperature, top_p, seed)
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if unsteered is None:
+        off = generate_samples(model, None, prompts, decodings, **kwargs)
+    else:
+        off = unsteered.drop(columns=["intervention", "scale"], errors="ignore")
+        if list(dict.fromkeys(off.prompt)) != prompts or len(off) != len(prompts) * (
+                1 + decodings.n_sampled):
+            raise ConfigError("The unsteered samples given are not of these prompts and decodings.")
+    points = [(name, scale) for name, intervention in interventions.items()
+              for scale in _scales_of(name, intervention, scales)]
+    rows, samples = [], [off.assign(intervention="unsteered", scale=0.0)]
+    for name, scale in tqdm(points, desc="interventions", unit="point", disable=not progress):
+        on = generate_samples(model, interventions[name], prompts, decodings, scale=scale, **kwargs)
+        result = measure(off, on, alignment, n_bootstrap=n_bootstrap, seed=seed,
+                         thresholds=thresholds)
+        for row in result.lift.to_dict("records"):
+            rows.append({**row, "intervention": name, "scale": scale, "verdict": _word(row)})
+        samples.append(on.assign(intervention=name, scale=scale))
+    table = pd.DataFrame(rows)[list(TABLE_COLUMNS)]
+    return SteeringComparison(alignment, table, pd.concat(samples, ignore_index=True),
+                              tuple(prompts), thresholds)
+
+
+def _scales_of(name: str, intervention: Intervention,
+               scales: Mapping[str, Sequence[float]] | Sequence[float]) -> list[float]:
+    if isinstance(intervention, Prompting):
+        return [1.0]
+    chosen = scales.get(name, (1.0,)) if isinstance(scales, Mapping) else scales
+    chosen = [float(s) for s in chosen]
+    if not chosen or not all(math.isfinite(s) for s in chosen):
+        raise ConfigError(f"The scales of {name!r} must be finite numbers, got {chosen!r}.")
+    return chosen
+
+
+def _word(row: dict) -> str:
+    if row["ci_low"] > 0:
+        return "aligned" if row["fluent"] else "degenerate"
+    return "no lift"

@@ -1,0 +1,151 @@
+"""The steering study of docs/training.md: trained IRMs beside CAA, ActAdd and prompting.
+
+For one alignment: build the CAA vectors (one per layer) and the ActAdd vector, train one IRM
+per seed with the chosen recipe, then measure everything with ``compare_steering`` on disjoint
+sets of held-out prompts, and compare each IRM's lift with the best fluent CAA lift on the same
+prompts. Every stage is saved under ``--out`` and skipped when already there, so an interrupted
+study continues where it stopped (training resumes from its checkpoints).
+
+    python scripts/steering_study.py --alignment anger --seeds 0,1,2 --sets 3 --out runs/study/anger
+
+Prompt sets are ``--n-prompts`` prompts each, starting at ``--first-prompt`` (prompts before it
+are left for choosing settings); the unsteered texts are generated once per set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import irm_lens
+from irm_lens.report.figures import dose_response_figure
+from irm_lens.evaluate import DegenerationThresholds
+from irm_lens.recipes import RECIPES, train_recipe
+
+
+def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:
+    vectors = {}
+    for layer in args.caa_layers:
+        path = out / f"caa_layer{layer}.safetensors"
+        if not path.exists():
+            irm_lens.mean_difference_vector(model, args.alignment, layers=layer).save(path)
+        vectors[f"caa_layer{layer}"] = irm_lens.SteeringVector.load(path, model)
+    path = out / "actadd.safetensors"
+    if not path.exists():
+        positive, negative = irm_lens.steering.ACTADD_PAIRS[args.alignment]
+        irm_lens.actadd_vector(model, positive, negative, layers=args.actadd_layer).save(path)
+    vectors["actadd"] = irm_lens.SteeringVector.load(path, model)
+    return vectors
+
+
+def _measure_set(model, interventions: dict, scales: dict, args, first: int, where: Path
+                 ) -> pd.DataFrame:
+    """Every intervention on one prompt set; each one's rows and samples are saved as it is
+    measured (``where/<name>.parquet``), the unsteered samples once, and reused on a rerun."""
+    where.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(n_prompts=args.n_prompts, first_prompt=first, max_new_tokens=args.max_new_tokens)
+    unsteered = where / "unsteered.parquet"
+    tables, samples = [], []
+    for name, intervention in interventions.items():
+        done = where / f"{name}.parquet"
+        if not done.exists():
+            start = time.perf_counter()
+            off = pd.read_parquet(unsteered) if unsteered.exists() else None
+            result = irm_lens.compare_steering(model, {name: intervention}, args.alignment,
+                                               scales=scales, unsteered=off, progress=False,
+                                               **kwargs)
+            if off is None:
+                result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered)
+            result.samples[result.samples.intervention == name].to_parquet(where / f"{name}.samples.parquet")
+            result.table.to_parquet(done)
+            print(f"{where.name} (prompts {first}-{first + args.n_prompts - 1}): {name} measured "
+                  f"in {time.perf_counter() - start:.0f} s", flush=True)
+        tables.append(pd.read_parquet(done))
+        samples.append(pd.read_parquet(where / f"{name}.samples.parquet"))
+    table = pd.concat(tables, ignore_index=True)
+    table.to_csv(where / "comparison.csv", index=False)
+    everything = pd.concat([pd.read_parquet(unsteered), *samples], ignore_index=True)
+    everything.to_csv(where / "samples.csv", index=False)
+    comparison = irm_lens.SteeringComparison(args.alignment, table, everything, (),
+                                             DegenerationThresholds())
+    dose_response_figure(comparison).write_html(where / "dose_response.html", include_plotlyjs=True)
+    return table
+
+
+def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
+    """Each IRM's lift beside the best fluent CAA lift, per decoding."""
+    caa = table[table.intervention.str.startswith("caa") & table.fluent]
+    rows = []
+    for decoding, group in table.groupby("decoding", sort=False):
+        best = caa[caa.decoding == decoding].sort_values("lift").tail(1)
+        best_lift = float(best.lift.iloc[0]) if len(best) else float("nan")
+        for name in irm_names:
+            row = group[group.intervention == name].iloc[0]
+            rows.append(dict(
+                irm=name, decoding=decoding, lift=row.lift, ci_low=row.ci_low,
+                ci_high=row.ci_high, fluent=row.fluent, aligned=row.verdict == "aligned",
+                best_fluent_caa=best_lift,
+                best_caa=f"{best.intervention.iloc[0]} x{best.scale.iloc[0]:g}" if len(best) else "",
+                at_least_caa=bool(row.verdict == "aligned" and row.lift >= best_lift),
+            ))
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--alignment", default="anger")
+    p.add_argument("--recipe", default="preference", choices=RECIPES)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--sets", type=int, default=3)
+    p.add_argument("--n-prompts", type=int, default=160)
+    p.add_argument("--first-prompt", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--caa-layers", default="12")
+    p.add_argument("--caa-scales", default="3,4,5,6")
+    p.add_argument("--actadd-layer", type=int, default=6)
+    p.add_argument("--actadd-scales", default="4,8")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    args.caa_layers = [int(x) for x in args.caa_layers.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = irm_lens.load_model()
+    interventions: dict = dict(_vectors(model, args, out))
+    scales = {name: [float(s) for s in args.caa_scales.split(",")] for name in interventions}
+    scales["actadd"] = [float(s) for s in args.actadd_scales.split(",")]
+    interventions["prompting"] = irm_lens.Prompting.persona(args.alignment)
+    irm_names = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        start = time.perf_counter()
+        result = train_recipe(model, args.alignment, out / f"irm_seed{seed}", recipe=args.recipe,
+                              seed=seed, steps=args.steps)
+        print(f"seed {seed}: {result.stop_reason}, {result.wall_time_s:.0f} s of training "
+              f"({time.perf_counter() - start:.0f} s with the vector); validation "
+              f"{result.baseline_val_loss:.4f} -> {result.best_val_loss:.4f}", flush=True)
+        interventions[f"irm_seed{seed}"] = result.irm
+        irm_names.append(f"irm_seed{seed}")
+
+    verdicts = []
+    for k in range(args.sets):
+        first = args.first_prompt + k * args.n_prompts
+        table = _measure_set(model, interventions, scales, args, first, out / f"set{k}")
+        with pd.option_context("display.width", 220, "display.max_columns", 20):
+            print(table.drop(columns=["off"]).round(3).to_string(index=False), flush=True)
+        verdicts.append(_verdict(table, irm_names).assign(set=k, first_prompt=first))
+    summary = pd.concat(verdicts, ignore_index=True)
+    summary.to_csv(out / "summary.csv", index=False)
+    with pd.option_context("display.width", 220, "display.max_columns", 20):
+        print(summary.round(3).to_string(index=False))
+    (out / "study.json").write_text(json.dumps(vars(args), indent=2))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()

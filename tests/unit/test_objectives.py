@@ -1,0 +1,160 @@
+"""Training objectives against hand computations: the preference (DPO) loss, the fluency KL,
+per-sequence log-likelihoods, and training with them (pairs, warm start, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import planted_irm
+
+import irm_lens
+from irm_lens.data.dataset import sequence_logprobs, tokenize_texts
+from irm_lens.errors import ConfigError
+from irm_lens.objectives import PreferenceObjective, build_objective, kl_to_unsteered
+from irm_lens.pairs import generate_pairs, read_pairs
+
+PAIRS = [(f"Question {i}?", f"I hate question {i}!", f"Answer {i}.") for i in range(10)]
+
+
+def _reply_logprob(model, prompt: str, reply: str) -> float:
+    """log p(reply | prompt) by hand: one token at a time, unpadded, in the chat template."""
+    from irm_lens.generation import end_of_turn, format_prompt
+
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if model.cfg.default_prepend_bos else []
+    prefix = bos + tok(format_prompt(model, prompt), add_special_tokens=False)["input_ids"]
+    ids = prefix + tok(reply + end_of_turn(model), add_special_tokens=False)["input_ids"]
+    logp = model(torch.tensor([ids]))[0].log_softmax(-1)  # [pos, d_vocab]
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(prefix), len(ids)))
+
+
+def test_sequence_logprobs_sum_the_scored_tokens(tiny_model):
+    tokens = tokenize_texts(tiny_model, ["abc", "hello there"], max_length=32)
+    logits = torch.randn(2, tokens.input_ids.shape[1], tiny_model.cfg.d_vocab)
+    got = sequence_logprobs(logits, tokens.input_ids, tokens.loss_mask)
+    logp = logits.log_softmax(-1)
+    for row in range(2):
+        expected = sum(logp[row, t - 1, tokens.input_ids[row, t]].item()
+                       for t in range(1, logits.shape[1]) if tokens.loss_mask[row, t])
+        assert got[row].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_preference_loss_matches_dpo_by_hand(chat_model):
+    pairs = PAIRS[:3]
+    objective = PreferenceObjective(chat_model, pairs, max_length=64, beta=0.5, chosen_lm=0.0)
+    irm = planted_irm(chat_model, neuron=5, value=2.0)
+    batch = objective.batch(torch.arange(3))
+    with irm_lens.inject(chat_model, irm):
+        loss = objective.loss(chat_model(batch.ids), batch).item()
+        steered = [(_reply_logprob(chat_model, p, c), _reply_logprob(chat_model, p, r))
+                   for p, c, r in pairs]
+    ref = [(_reply_logprob(chat_model, p, c), _reply_logprob(chat_model, p, r)) for p, c, r in pairs]
+    margins = [(sc - rc) - (sr - rr) for (sc, sr), (rc, rr) in zip(steered, ref)]
+    expected = sum(-math.log(1 / (1 + math.exp(-0.5 * m))) for m in margins) / 3
+    assert loss == pytest.approx(expected, rel=1e-4)
+    # the reference itself: every margin is 0, the loss log 2
+    assert objective.loss(chat_model(batch.ids), batch).item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_chosen_lm_adds_the_chosen_replies_cross_entropy(chat_model):
+    plain = PreferenceObjective(chat_model, PAIRS[:2], max_length=64, beta=0.1, chosen_lm=0.0)
+    with_lm = PreferenceObjective(chat_model, PAIRS[:2], max_length=64, beta=0.1, chosen_lm=2.0)
+    batch = plain.batch(torch.arange(2))
+    logits = chat_model(batch.ids)
+    chosen = tokenize_texts(chat_model, [(p, c) for p, c, _ in PAIRS[:2]], max_length=64)
+    n_tokens = chosen.loss_mask[:, 1:].sum().item()
+    nll = -sum(_reply_logprob(chat_model, p, c) for p, c, _ in PAIRS[:2]) / n_tokens
+    assert with_lm.loss(logits, batch).item() - plain.loss(logits, batch).item() == pytest.approx(
+        2.0 * nll, rel=1e-4)
+
+
+def test_kl_to_unsteered_by_hand(tiny_model):
+    tokens = tokenize_texts(tiny_model, ["The cat sat.", "A longer sentence here."], max_length=32)
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    zero = irm_lens.IRM.for_model(tiny_model, layers="all", preset="linear", zero_init_output=True)
+    assert kl_to_unsteered(tiny_model, zero, ids, mask).item() == pytest.approx(0.0, abs=1e-6)
+    irm = planted_irm(tiny_model, neuron=3, value=1.5)
+    got = kl_to_unsteered(tiny_model, irm, ids, mask).item()
+    with torch.no_grad():
+        p = tiny_model(ids).log_softmax(-1)
+        with irm_lens.inject(tiny_model, irm):
+            q = tiny_model(ids).log_softmax(-1)
+    per_token = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+    expected = (per_token * mask).sum() / mask.sum()
+    assert got == pytest.approx(expected.item(), rel=1e-4) and got > 0
+
+
+def test_objectives_refuse_the_wrong_data(chat_model):
+    with pytest.raises(ConfigError, match="pairs"):
+        build_objective(chat_model, ["a text", "another"], objective="preference", max_length=32)
+    with pytest.raises(ConfigError, match="objective='preference'"):
+        build_objective(chat_model, PAIRS, objective="lm", max_length=32)
+    with pytest.raises(ConfigError, match="objective"):
+        irm_lens.TrainConfig(objective="rlhf")
+    with pytest.raises(ConfigError, match="cannot be mixed"):
+        irm_lens.split_texts(PAIRS + ["a text"])
+
+
+def test_preference_training_raises_the_chosen_margin_and_resumes(chat_model, tmp_path):
+    config = irm_lens.TrainConfig(objective="preference", beta=1.0, kl=0.1, lr=3e-3,
+                                  max_steps=8, eval_every=4, batch_size=4, checkpoint_every=4,
+                                  seed=0)
+    torch.manual_seed(0)
+    irm = irm_lens.IRM.for_model(chat_model, layers="all", preset="small", zero_init_output=True)
+    result = irm_lens.train(chat_model, irm, PAIRS * 3, config, out_dir=tmp_path / "run",
+                            progress=False)
+    assert result.baseline_val_loss == pytest.approx(math.log(2), abs=1e-5)
+    assert result.best_val_loss < result.baseline_val_loss
+    history = result.history.dropna(subset=["loss"])
+    # the zero-initialised IRM changes nothing at step 1; once it has learned, it does
+    assert history.kl.iloc[0] == pytest.approx(0.0, abs=1e-7) and (history.kl.iloc[1:] > 0).all()
+    # a longer budget resumes the finished run and matches an uninterrupted longer run
+    longer = irm_lens.TrainConfig(**{**config.to_dict(), "max_steps": 12})
+    resumed = irm_lens.train(chat_model, result.irm, PAIRS * 3, longer, out_dir=tmp_path / "run",
+                             progress=False)
+    torch.manual_seed(0)
+    fresh = irm_lens.IRM.for_model(chat_model, layers="all", preset="small", zero_init_output=True)
+    straight = irm_lens.train(chat_model, fresh, PAIRS * 3, longer, out_dir=tmp_path / "straight",
+                              progress=False)
+    for a, b in zip(resumed.irm.state_dict().values(), straight.irm.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_generate_pairs_keeps_the_angriest_fluent_candidate(tiny_model, tmp_path, monkeypatch):
+    """A fake writer with planted scores: the rule must pick, and drop, exactly these rows."""
+    pairs_module = __import__("irm_lens.pairs", fromlist=["generate_samples"])
+
+    def fake(model, intervention, prompts, decodings, **kw):
+        if intervention is None:  # the rejected (unsteered) replies
+            return pd.DataFrame(dict(prompt=["q1", "q2"], text=["calm 1", "calm 2"],
+                                     anger=[0.1, 0.1], perplexity=[10.0, 10.0],
+                                     repetition=[0.0, 0.0]))
+        return pd.DataFrame(dict(
+            prompt=["q1", "q1", "q1", "q2", "q2"],
+            text=["mild", "furious but garbled", "angry and fine", "angry loop", "calmer"],
+            anger=[0.6, 0.9, 0.5, 0.8, 0.05],  # "mild" scores highest but is one word
+            perplexity=[12.0, 80.0, 20.0, 15.0, 11.0],  # 80 > 4 x 10: not fluent
+            repetition=[0.0, 0.0, 0.0, 0.5, 0.0],       # 0.5 > 0.1: not fluent
+        ))
+
+    monkeypatch.setattr(pairs_module, "generate_samples", fake)
+    table = generate_pairs(tiny_model, irm_lens.steering.Prompting("x"), "anger",
+                           tmp_path / "p.jsonl", prompts=["q1", "q2"], min_words=2,
+                           progress=False)
+    assert table.set_index("prompt").loc["q1", "chosen"] == "angry and fine"
+    assert table.kept.tolist() == [True, False]  # q2: the only angrier candidate repeats itself
+    assert read_pairs(tmp_path / "p.jsonl") == [("q1", "angry and fine", "calm 1")]
+    # the worst failed candidate (most repetition, then perplexity) as a second rejected reply
+    assert table.degenerate.tolist() == ["furious but garbled", "angry loop"]
+    assert read_pairs(tmp_path / "p.jsonl", degenerate=True) == [
+        ("q1", "angry and fine", "calm 1"), ("q1", "angry and fine", "furious but garbled")]  # q2: not kept
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows[0]["alignment"] == "anger" and len(rows) == 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q"}\n')
+    with pytest.raises(ConfigError, match="bad.jsonl:1"):
+        read_pairs(tmp_path / "bad.jsonl")
