@@ -119,6 +119,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.max_per_opening is not None and not args.synthetic:
         raise ConfigError("--max-per-opening caps the rows of a --synthetic file; give --synthetic.")
+    if _uses_recipe(args):
+        return _train_recipe(args)
     model = _load(args)
     torch.manual_seed(args.seed)
     irm = IRM.for_model(
@@ -157,6 +159,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{result.baseline_val_perplexity:.2f} -> {result.val_perplexity:.2f})\n"
         f"best IRM: {result.out_dir / 'irm.safetensors'}"
     )
+    return 0
+
+
+# What a recipe fixes: set any of these and the recipe would silently drop it.
+_RECIPE_FIXES = ("layers", "preset", "zero_init", "warm_start", "steer", "l1", "objective", "beta",
+                 "chosen_lm", "kl", "epochs", "batch_size", "max_length", "lr", "eval_every",
+                 "max_val_batches", "checkpoint_every", "chat")
+
+
+def _uses_recipe(args: argparse.Namespace) -> bool:
+    """Whether ``train`` runs a named recipe: ``--recipe NAME``, or by default a bare
+    ``--alignment`` run (no IRM or optimisation option given: those choose a run of your own)."""
+    defaults = build_parser().parse_args(["train", "--alignment", "x", "--out", "x"])
+    changed = [f"--{k.replace('_', '-')}" for k in _RECIPE_FIXES
+               if getattr(args, k) != getattr(defaults, k)]
+    if args.recipe in (None, "none"):
+        return args.recipe is None and bool(args.alignment) and not changed
+    if not args.alignment:
+        raise ConfigError(f"--recipe {args.recipe} trains toward a built-in --alignment; drop "
+                          "--recipe to train on --data, --synthetic or --pairs.")
+    if changed:
+        raise ConfigError(f"The {args.recipe!r} recipe fixes {', '.join(changed)}; drop --recipe "
+                          "(or pass --recipe none) to choose them yourself.")
+    return True
+
+
+def _train_recipe(args: argparse.Namespace) -> int:
+    """``train --alignment A [--recipe R]``: the named recipe, with only --steps and --seed."""
+    from irm_lens.recipes import train_recipe
+
+    args.recipe = args.recipe or "preference"
+    print(f"training with the {args.recipe!r} recipe (irm_lens.recipes.RECIPES) into {args.out}")
+    result = train_recipe(_load(args), args.alignment, args.out, recipe=args.recipe,
+                          seed=args.seed, steps=args.steps)
+    print(f"{result.stop_reason}; {result.steps} steps in {result.wall_time_s:.0f} s\n"
+          f"validation loss {result.baseline_val_loss:.4f} without the IRM -> "
+          f"{result.best_val_loss:.4f} with it (step {result.best_step})\n"
+          f"best IRM: {result.out_dir / 'irm.safetensors'}")
     return 0
 
 
@@ -668,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --synthetic: train on at most this many rows whose persona onset "
                          "opens with the same word (the first in the file), so that no opening "
                          "dominates")
+    tr.add_argument("--recipe", default=None, choices=[*sorted(RECIPES), "none"],
+                    help="a named recipe; the default for a bare --alignment run is preference "
+                         "(a CAA warm start trained on the shipped preference pairs). Any IRM or "
+                         "optimisation option below (or --recipe none) trains with those instead")
     tr.add_argument("--text-column", default="text")
     tr.add_argument("--prompt-column", default=None,
                     help="with --data: a column of prompts; each text is trained as the chat "

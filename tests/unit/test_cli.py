@@ -185,3 +185,20 @@ def test_vector_compare_steering_and_preference_training(tiny_llama_dir, tmp_pat
     assert main(["compare-steering", *model_args, "--alignment", "anger", "--vector",
                  f"caa={vector}", "--scales", "other=1"]) == 2
     assert "not interventions here" in capsys.readouterr().err
+
+
+def test_train_runs_a_named_recipe_and_refuses_to_drop_options(tiny_llama_dir, tmp_path, capsys):
+    model_args = ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    run = tmp_path / "paper"
+    assert main(["train", *model_args, "--alignment", "anger", "--recipe", "paper", "--steps", "2",
+                 "--seed", "3", "--out", str(run)]) == 0
+    assert "'paper' recipe" in capsys.readouterr().out
+    config = json.loads((run / "run.json").read_text())["train_config"]
+    assert (config["objective"], config["lr"], config["max_steps"], config["seed"]) == (
+        "lm", 1e-3, 2, 3)
+    assert main(["train", *model_args, "--alignment", "anger", "--recipe", "preference",
+                 "--lr", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "fixes --lr" in capsys.readouterr().err
+    assert main(["train", *model_args, "--data", "x.csv", "--recipe", "paper",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "built-in --alignment" in capsys.readouterr().err
