@@ -143,8 +143,9 @@ def investigate(
 
     t = time.perf_counter()
     baselines = {"irm": irm, "prompting": Prompting.persona(s.alignment)}
-    if recipe.vector_depth is not None:
-        baselines["caa"] = caa_vector(model, s.alignment, recipe, out_dir / "irm")
+    if recipe.vector_depth is not None:  # the IRM's starting point, as the baseline to beat
+        vector = caa_vector(model, s.alignment, recipe, out_dir / "irm")
+        baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
     steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
                                 max_new_tokens=s.eval_new_tokens, progress=progress)
     stage("evaluation", t)

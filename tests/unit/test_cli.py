@@ -94,7 +94,7 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
     for stage in ("[train]", "[IRM outputs]", "[analyses]", "[evaluation]", "[report]"):
         assert stage in printed
     assert "dominant neuron:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
-    for name in ("irm", "caa", "prompting"):  # the IRM beside its baselines, in the verdict
+    for name in ("irm", "caa (layer 2 x4)", "prompting"):  # the IRM beside its baselines
         assert f"{name} greedy: anger lift" in printed
     run = json.loads((out / "irm" / "run.json").read_text())
     assert run["train_config"]["objective"] == "preference" and run["data"]["n_train"] == 10

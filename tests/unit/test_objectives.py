@@ -158,3 +158,17 @@ def test_generate_pairs_keeps_the_angriest_fluent_candidate(tiny_model, tmp_path
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q"}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
         read_pairs(tmp_path / "bad.jsonl")
+
+
+def test_recipe_vector_layer_scales_with_depth_and_pairs_need_a_home(tiny_model):
+    from types import SimpleNamespace
+
+    from irm_lens.recipes import RECIPES, recipe_pairs, vector_layer
+
+    recipe = RECIPES["preference"]
+    depth = [vector_layer(SimpleNamespace(cfg=SimpleNamespace(n_layers=n)), recipe)
+             for n in (4, 30, 32)]
+    assert depth == [2, 12, 13]  # SmolLM2's layer 12, Llama 2's 13
+    vector = irm_lens.mean_difference_vector(tiny_model, ["I hate it"], ["It is a cup"], layers=2)
+    with pytest.raises(ConfigError, match="out_dir"):
+        recipe_pairs(tiny_model, "anger", vector, recipe, None, progress=False)
