@@ -91,7 +91,9 @@ def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
                 ci_high=row.ci_high, fluent=row.fluent, aligned=row.verdict == "aligned",
                 best_fluent_caa=best_lift,
                 best_caa=f"{best.intervention.iloc[0]} x{best.scale.iloc[0]:g}" if len(best) else "",
-                at_least_caa=bool(row.verdict == "aligned" and row.lift >= best_lift),
+                # no fluent CAA point at all: CAA's fluent lift is nothing to beat
+                at_least_caa=bool(row.verdict == "aligned"
+                                  and (not len(best) or row.lift >= best_lift)),
             ))
     return pd.DataFrame(rows)
 
