@@ -324,13 +324,8 @@ class IRM(nn.Module):
     def check_compatible(self, model: HookedTransformer) -> None:
         """Raise ``ShapeMismatchError`` unless this IRM fits ``model``."""
         cfg = self.config
-        if (cfg.d_model, cfg.n_layers) != (model.cfg.d_model, model.cfg.n_layers):
-            raise ShapeMismatchError(
-                f"This IRM was built for a model with d_model={cfg.d_model}, "
-                f"n_layers={cfg.n_layers} ({cfg.host_model or 'unknown model'}), but "
-                f"{model.cfg.model_name} has d_model={model.cfg.d_model}, "
-                f"n_layers={model.cfg.n_layers}. Build or load an IRM for this model."
-            )
+        check_host("IRM", (cfg.d_model, cfg.n_layers), cfg.host_model, model,
+                   "Build or load an IRM for this model.")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save weights and config to one safetensors file, atomically.
@@ -407,6 +402,18 @@ class IRM(nn.Module):
         if device is None and model is not None:
             device = model.cfg.device
         return irm.to(device or "cpu")
+
+
+def check_host(what: str, shape: tuple[int, int], host_model: str, model: HookedTransformer,
+               remedy: str) -> None:
+    """Raise ``ShapeMismatchError`` unless ``model`` has the ``(d_model, n_layers)`` that
+    ``what`` (an IRM, a steering vector) was built for."""
+    if shape != (model.cfg.d_model, model.cfg.n_layers):
+        raise ShapeMismatchError(
+            f"This {what} was built for a model with d_model={shape[0]}, n_layers={shape[1]} "
+            f"({host_model or 'unknown model'}), but {model.cfg.model_name} has d_model="
+            f"{model.cfg.d_model}, n_layers={model.cfg.n_layers}. {remedy}"
+        )
 
 
 def _checkpoint_file(path: Path) -> Path:

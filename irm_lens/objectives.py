@@ -72,6 +72,11 @@ class LMObjective:
     def __len__(self) -> int:
         return len(self.data)
 
+    @property
+    def n_truncated(self) -> int:
+        """Texts cut at ``max_length``."""
+        return self.data.n_truncated
+
     def batch(self, index: Int[Tensor, " batch"]) -> Batch:
         ids, mask, scored = batch_slice(self.data, index)
         return Batch(ids, mask, scored, int(scored[:, 1:].sum()))
@@ -98,6 +103,11 @@ class PreferenceObjective:
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    @property
+    def n_truncated(self) -> int:
+        """Replies (chosen or rejected) cut at ``max_length``."""
+        return self.chosen.n_truncated + self.rejected.n_truncated
 
     def _stack(self, index: Int[Tensor, " batch"]) -> tuple[Tensor, Tensor, Tensor]:
         """Chosen rows then rejected rows of ``index``, right-padded to one width."""

@@ -34,7 +34,7 @@ from irm_lens._io import atomic_write
 from irm_lens.data.dataset import Example, tokenize_texts
 from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
 from irm_lens.inject import check_positions, inject, permanent_hooks, position_mask
-from irm_lens.irm import INJECT_SITES, IRM, layer_set
+from irm_lens.irm import INJECT_SITES, IRM, check_host, layer_set
 
 STEERING_METHODS: tuple[str, ...] = ("caa", "actadd")
 VECTOR_POSITIONS: tuple[str, ...] = ("all", "generated")
@@ -129,21 +129,11 @@ class SteeringVector:
         """The same vector at another scale (the stored vectors are shared, not copied)."""
         return SteeringVector(replace(self.config, scale=scale), self.vectors)
 
-    def check_compatible_dims(self, d_model: int) -> None:
-        if d_model != self.config.d_model:
-            raise ShapeMismatchError(
-                f"This steering vector has d_model={self.config.d_model}, not {d_model}."
-            )
-
     def check_compatible(self, model: HookedTransformer) -> None:
+        """Raise ``ShapeMismatchError`` unless this vector fits ``model``."""
         c = self.config
-        if (c.d_model, c.n_layers) != (model.cfg.d_model, model.cfg.n_layers):
-            raise ShapeMismatchError(
-                f"This steering vector was built for a model with d_model={c.d_model}, "
-                f"n_layers={c.n_layers} ({c.host_model or 'unknown model'}), but "
-                f"{model.cfg.model_name} has d_model={model.cfg.d_model}, n_layers="
-                f"{model.cfg.n_layers}. Build one for this model."
-            )
+        check_host("steering vector", (c.d_model, c.n_layers), c.host_model, model,
+                   "Build one for this model.")
 
     @contextmanager
     def apply(
@@ -393,12 +383,16 @@ def warm_start(irm: IRM, vector: SteeringVector) -> IRM:
     among the IRM's, added at the IRM's injection site.
     """
     c = vector.config
+    if (c.d_model, c.n_layers) != (irm.config.d_model, irm.config.n_layers):
+        raise ShapeMismatchError(
+            f"This steering vector was built for d_model={c.d_model}, n_layers={c.n_layers}; the "
+            f"IRM for d_model={irm.config.d_model}, n_layers={irm.config.n_layers}."
+        )
     if c.site != irm.config.inject_site or not set(c.layers) <= set(irm.config.layers):
         raise ConfigError(
             f"A warm start needs the vector's layers {list(c.layers)} ({c.site}) among the IRM's "
             f"injected layers {list(irm.config.layers)} ({irm.config.inject_site})."
         )
-    vector.check_compatible_dims(irm.config.d_model)
     if c.positions != "all" or irm.config.steer != "all":
         raise ConfigError("A warm start adds the vector at every position: build it with "
                           "positions='all' for an IRM with steer='all'.")

@@ -313,7 +313,7 @@ def _train(
             "n_train": len(splits.train),
             "n_val": len(splits.val),
             "n_test": len(splits.test),
-            "n_train_truncated": getattr(getattr(train_obj, "data", None), "n_truncated", 0),
+            "n_train_truncated": train_obj.n_truncated,
             "steps_per_epoch": steps_per_epoch,
         },
     }
