@@ -103,7 +103,7 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
     elif path is None:
         raise ConfigError("Generating the recipe's pairs needs an out_dir to keep them in.")
     elif not path.exists():
-        generate_pairs(model, vector.with_scale(recipe.pairs_scale / vector.config.scale),
+        generate_pairs(model, vector.with_scale(recipe.pairs_scale),
                        alignment, path, progress=progress)
     return read_pairs(path, degenerate=recipe.degenerate_pairs)
 
