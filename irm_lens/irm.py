@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens._io import atomic_write
 from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
@@ -179,7 +179,7 @@ class IRMConfig:
         if _site_order(read_layer, m.group(2)) > _site_order(layers[0], self.inject_site):
             raise ConfigError(
                 f"read_site {self.read_site} runs after the first injection "
-                f"({tl_utils.get_act_name(self.inject_site, layers[0])}); read at or before it."
+                f"({get_act_name(self.inject_site, layers[0])}); read at or before it."
             )
         if not isinstance(self.output_scale, (int, float)) or not math.isfinite(
             self.output_scale
@@ -204,9 +204,14 @@ class IRMConfig:
         hidden = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
         return hidden + (widths[-1] + 1) * self.n_injected * self.d_model
 
+    @property
+    def read_layer(self) -> int:
+        """The layer of ``read_site`` (``blocks.{read_layer}.hook_resid_*``)."""
+        return int(_READ_SITE.match(self.read_site).group(1))
+
     def hook_names(self) -> list[str]:
         """The TransformerLens hook names the IRM writes to, one per injected layer."""
-        return [tl_utils.get_act_name(self.inject_site, layer) for layer in self.layers]
+        return [get_act_name(self.inject_site, layer) for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens.analysis._common import (
     Provenance,
@@ -56,7 +56,7 @@ def reference_activations(
     model: HookedTransformer, texts: Sequence[str], layers: Sequence[int]
 ) -> dict[int, Float[Tensor, "token d_model"]]:
     """``hook_resid_post`` of ``layers`` on every real token of ``texts``."""
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in layers]
+    names = [get_act_name("resid_post", layer) for layer in layers]
     acts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for ids, mask, _ in text_batches(model, texts):
         with torch.no_grad():
@@ -133,7 +133,7 @@ class Ablation:
                     resid[..., index] = pool[draw].to(device=resid.device, dtype=resid.dtype)
                     return resid
 
-            point = self.model.hook_dict[tl_utils.get_act_name("resid_post", layer)]
+            point = self.model.hook_dict[get_act_name("resid_post", layer)]
             point.add_hook(hook, dir="fwd", is_permanent=True)
             self._added.append((point, hook))
         return self

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens.analysis._common import (
     Provenance,
@@ -128,8 +128,8 @@ def logit_attribution(
     w_u = _centred_unembed(model)  # [d_model, d_vocab]
     w_f = model.ln_final.w.detach().float()  # [d_model]
     d_model = model.cfg.d_model
-    final = tl_utils.get_act_name("resid_post", model.cfg.n_layers - 1)
-    scale_name = "ln_final.hook_scale"
+    final = get_act_name("resid_post", model.cfg.n_layers - 1)
+    scale_name = get_act_name("scale")
     pad_id = model.tokenizer.pad_token_id or 0
 
     effect_sum = torch.zeros(d_model, dtype=torch.float64)
@@ -188,13 +188,13 @@ def _irm_terms(model, irm: IRM, ids: Tensor, real: Tensor, neuron: int, w_u: Ten
     """One batch's IRM share numerators / denominator, summed logit effect, and component
     attributions along the steering's logit direction."""
     n_layers = model.cfg.n_layers
-    final = tl_utils.get_act_name("resid_post", n_layers - 1)
+    final = get_act_name("resid_post", n_layers - 1)
     deltas: list[Tensor] = []
     with torch.no_grad():
-        _, clean = model.run_with_cache(ids, names_filter=[final, "ln_final.hook_scale"])
+        _, clean = model.run_with_cache(ids, names_filter=[final, get_act_name("scale")])
         with inject(model, irm, on_output=deltas.append):
             _, cache = model.run_with_cache(ids)
-    rms = cache["ln_final.hook_scale"][real].float().cpu()  # [tok, 1]
+    rms = cache[get_act_name("scale")][real].float().cpu()  # [tok, 1]
     vec = deltas[0].sum(2)[real].float().cpu()  # [tok, d_model]: the IRM's summed push
     per_index = vec * w_f / rms  # [tok, d_model] normalised and scaled
     total = per_index @ w_u  # [tok, vocab]
@@ -204,7 +204,7 @@ def _irm_terms(model, irm: IRM, ids: Tensor, real: Tensor, neuron: int, w_u: Ten
     # Direction in which steering moved the (centred) logits, averaged over tokens.
     def centred_logits(c) -> Tensor:
         x = c[final][real].float().cpu()
-        return (x * w_f / c["ln_final.hook_scale"][real].float().cpu()) @ w_u
+        return (x * w_f / c[get_act_name("scale")][real].float().cpu()) @ w_u
 
     shift = (centred_logits(cache) - centred_logits(clean)).mean(0)
     direction = shift / shift.norm().clamp_min(1e-30)  # [vocab]

@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens.analysis._common import (
     Provenance,
@@ -129,7 +129,7 @@ def activation_magnitudes(
     """Mean and max |resid_post| of every index at every layer over ``prompts`` (no IRM)."""
     prompts = prompts_or_default(prompts, n_prompts)
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in range(n_layers)]
+    names = [get_act_name("resid_post", layer) for layer in range(n_layers)]
     sums = torch.zeros(len(POSITION_CLASSES), n_layers, d_model, dtype=torch.float64)
     counts = torch.zeros(len(POSITION_CLASSES), dtype=torch.float64)
     max_abs = torch.zeros(n_layers, d_model)

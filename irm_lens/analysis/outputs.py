@@ -117,7 +117,7 @@ def collect_irm_outputs(
     )
 
     read_site = irm.config.read_site
-    read_layer = int(read_site.split(".")[1])
+    read_layer = irm.config.read_layer
     pad_id = model.tokenizer.pad_token_id or 0
     mean_abs_rows, mean_rows, counts, token_rows, token_strs = [], [], [], [], []
     starts = range(0, len(rows), batch_size)

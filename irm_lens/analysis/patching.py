@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens.analysis._common import (
     Provenance,
@@ -102,7 +102,7 @@ def _set_index(
                 resid[..., index] = value.to(resid.dtype)
                 return resid
 
-            point = model.hook_dict[tl_utils.get_act_name("resid_post", layer)]
+            point = model.hook_dict[get_act_name("resid_post", layer)]
             point.add_hook(hook, dir="fwd", is_permanent=True)
             added.append((point, hook))
         yield
@@ -216,7 +216,7 @@ def _irm_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: st
 def _resid_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: str):
     """Run the source model (steered for ``into_unsteered``, unsteered otherwise), record
     ``index`` at ``hook_resid_post`` of ``layers``, and write those values into the other."""
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in layers]
+    names = [get_act_name("resid_post", layer) for layer in layers]
 
     @contextmanager
     def condition(ids: Tensor) -> Iterator[None]:

@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from irm_lens.analysis._common import (
     Provenance,
@@ -226,7 +227,7 @@ def predict_dominant(
 
         return hook
 
-    hooks = [(f"blocks.{layer}.hook_resid_post", add_push(layer)) for layer in range(n_layers)]
+    hooks = [(get_act_name("resid_post", layer), add_push(layer)) for layer in range(n_layers)]
     for ids, attention, loss_mask in tqdm(batches, desc="gradient consistency", disable=not progress):
         ids, real = ids.to(device), attention.bool().to(device)
         push.grad = None

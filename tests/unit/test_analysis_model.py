@@ -8,7 +8,7 @@ import torch
 from conftest import PROMPTS, planted_irm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 import irm_lens
 from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
@@ -25,7 +25,7 @@ def fresh_model(tiny_llama_dir):
 
 def resid(model, text: str, layer: int) -> torch.Tensor:
     _, cache = model.run_with_cache(model.to_tokens(text))
-    return cache[tl_utils.get_act_name("resid_post", layer)][0]
+    return cache[get_act_name("resid_post", layer)][0]
 
 
 # --- the one neuron check -------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_activation_magnitudes_find_a_planted_massive_activation(fresh_model):
 def test_direct_effect_equals_the_norm_of_the_autograd_jacobian(tiny_model):
     attr = irm_lens.logit_attribution(tiny_model, K, prompts=PROMPTS[:2], max_new_tokens=0,
                                       progress=False)
-    final = tl_utils.get_act_name("resid_post", tiny_model.cfg.n_layers - 1)
+    final = get_act_name("resid_post", tiny_model.cfg.n_layers - 1)
 
     def centred_logits(x):
         logits = tiny_model.unembed(tiny_model.ln_final(x[None, None]))[0, 0]
@@ -181,7 +181,7 @@ def test_mean_and_resample_ablation_use_the_reference_values(tiny_model):
 
 def test_ablation_survives_run_with_cache_and_is_removed_after_an_exception(tiny_model):
     tokens = tiny_model.to_tokens(PROMPTS[1])
-    name = tl_utils.get_act_name("resid_post", 3)
+    name = get_act_name("resid_post", 3)
     with pytest.raises(RuntimeError, match="boom"):
         with irm_lens.ablate(tiny_model, K):
             _, cache = tiny_model.run_with_cache(tokens, names_filter=name)
