@@ -26,7 +26,7 @@ The public API:
 * ``investigate``: the main job, all of the above in one call.
 """
 
-from irm_lens.analysis.ablation import Ablation, AblationResult, ablate
+from irm_lens.analysis.ablation import Ablation, AblationResult, ablate, measure_ablation
 from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
 from irm_lens.analysis.dossier import NeuronDossier, explain
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
@@ -107,6 +107,7 @@ __all__ = [
     "dominant_neurons",
     "explain",
     "logit_attribution",
+    "measure_ablation",
     "norm_weights",
     "patch_neuron",
     "predict_dominant",

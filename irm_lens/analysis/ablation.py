@@ -9,24 +9,23 @@ Semantics (the ablated quantity is the residual stream, not an MLP neuron):
   set at that layer (seeded).
 
 The ablation acts after an IRM's injection at the same hook point, so under an IRM it removes
-the IRM's push at that index too. Used two ways::
+the IRM's push at that index too. Two functions, one job each::
 
     with irm_lens.ablate(model, neuron=5):          # a context manager on the model
         model.generate(...)
 
-    result = irm_lens.ablate(model, neuron=5, irm=irm, alignment="anger")   # an AblationResult
+    result = irm_lens.measure_ablation(model, neuron=5, irm=irm, alignment="anger")
 
-Given texts, an IRM or an alignment, ``ablate`` measures instead of returning the context
-manager: the change in loss and the KL to the unablated model on the texts, under the IRM the
-share of its loss gain that the ablation undoes, optionally the change in the alignment's
-emotion score of steered generations, and the same figures for random indices.
+``measure_ablation`` measures: the change in loss and the KL to the unablated model on texts,
+under an IRM the share of its loss gain that the ablation undoes, optionally the change in the
+alignment's emotion score of steered generations, and the same figures for random indices.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Sequence, overload
+from typing import Literal, Sequence
 
 import pandas as pd
 import torch
@@ -187,16 +186,34 @@ class AblationResult:
         return pd.DataFrame(rows)
 
 
-@overload
-def ablate(model: HookedTransformer, neuron: int, *, layers=..., mode=..., reference=...,
-           seed=...) -> Ablation: ...
-
-
-@overload
-def ablate(model: HookedTransformer, neuron: int, *, texts: Sequence[str], **kwargs) -> AblationResult: ...
-
-
 def ablate(
+    model: HookedTransformer,
+    neuron: int,
+    *,
+    layers: Sequence[int] | None = None,
+    mode: AblationMode = "zero",
+    reference: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Ablation:
+    """Ablate residual index ``neuron`` while the returned context manager is active.
+
+    Args:
+        model: The host model.
+        neuron: The residual index, in 0..d_model-1 (checked; an index the model lacks raises
+            ``NeuronIndexError`` naming its d_model and indices worth trying).
+        layers: Layers whose ``hook_resid_post`` is ablated (default: all).
+        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
+        reference: Texts for ``mean`` / ``resample`` (default: held-out neutral prompts).
+        seed: Seeds ``resample``'s draws.
+
+    Example:
+        >>> with irm_lens.ablate(model, neuron=1512):  # doctest: +SKIP
+        ...     model.generate("Hello")
+    """
+    return Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
+
+
+def measure_ablation(
     model: HookedTransformer,
     neuron: int,
     *,
@@ -214,17 +231,11 @@ def ablate(
     max_length: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> Ablation | AblationResult:
-    """Ablate residual index ``neuron``: a context manager, or (given texts / an IRM / an
-    alignment) a measured ``AblationResult``.
+) -> AblationResult:
+    """What ablating residual index ``neuron`` does, beside ``n_random`` random indices
+    ablated the same way (``ablate``'s arguments, plus what to measure on).
 
     Args:
-        model: The host model.
-        neuron: The residual index, in 0..d_model-1 (checked; an index the model lacks raises
-            ``NeuronIndexError`` naming its d_model and indices worth trying).
-        layers: Layers whose ``hook_resid_post`` is ablated (default: all).
-        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
-        reference: Texts for ``mean`` / ``resample`` (default: held-out neutral prompts).
         texts: Texts whose loss is measured (default: ``n_texts`` of ``alignment``'s texts, or
             neutral prompts without an alignment).
         irm: Also measure under this IRM: its loss gain undone, and with ``generate`` the
@@ -234,9 +245,6 @@ def ablate(
         generate: Generate steered continuations of ``n_prompts`` neutral prompts with each
             ablation and score the alignment's emotion (slow: ``n_random + 3`` generations).
     """
-    measuring = texts is not None or irm is not None or alignment is not None
-    if not measuring:
-        return Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
     target = Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
     if texts is None:
         if alignment is not None:

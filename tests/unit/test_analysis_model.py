@@ -198,7 +198,7 @@ def test_ablation_entered_before_inject_still_removes_the_irms_push(tiny_model):
 
 
 def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
-    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
     data = tokenize_texts(tiny_model, PROMPTS, max_length=64)
 
     def loss() -> float:
@@ -224,7 +224,8 @@ def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
 
 def test_measured_ablation_under_an_irm_reports_the_gain_undone(tiny_model):
     irm = planted_irm(tiny_model, K)
-    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, irm=irm, n_random=2, progress=False)
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, irm=irm, n_random=2,
+                                       progress=False)
     assert {"irm_loss", "irm_delta_loss", "irm_gain_undone"} <= set(result.table)
     assert "irm_loss" in result.baseline
 
@@ -253,13 +254,13 @@ def test_striation_score_ignores_scale_and_shift(seed, scale, shift):
 
 def test_measured_ablation_scores_the_emotion_of_steered_generations(tiny_model, monkeypatch):
     irm = planted_irm(tiny_model, K)
-    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, irm=irm, alignment="anger",
-                             n_random=2, generate=True, n_prompts=3, max_new_tokens=4,
-                             progress=False)
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, irm=irm, alignment="anger",
+                                       n_random=2, generate=True, n_prompts=3, max_new_tokens=4,
+                                       progress=False)
     assert {"emotion", "delta_emotion"} <= set(result.table)
     assert {"emotion", "emotion_unsteered"} <= set(result.baseline)
     row = result.table.iloc[0]
     assert row["delta_emotion"] == pytest.approx(row["emotion"] - result.baseline["emotion"])
     assert "delta_emotion" in set(result.summary()["measure"])
     with pytest.raises(irm_lens.ConfigError, match="generate=True needs"):
-        irm_lens.ablate(tiny_model, K, texts=PROMPTS, generate=True)
+        irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, generate=True)
