@@ -31,9 +31,12 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
 from irm_lens._io import atomic_write
+from irm_lens.data.corpora import load_alignment
 from irm_lens.data.dataset import Example, tokenize_texts
+from irm_lens.data.personas import SYNTHETIC_PERSONAS
 from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
-from irm_lens.inject import check_positions, inject, permanent_hooks, position_mask
+from irm_lens.hooks import permanent_hooks
+from irm_lens.inject import check_positions, inject, position_mask
 from irm_lens.irm import INJECT_SITES, IRM, check_host, layer_set
 
 STEERING_METHODS: tuple[str, ...] = ("caa", "actadd")
@@ -225,8 +228,6 @@ class Prompting:
     @classmethod
     def persona(cls, alignment: str) -> Prompting:
         """The tone persona the synthetic generator writes with (``SYNTHETIC_PERSONAS``)."""
-        from irm_lens.data.synthetic import SYNTHETIC_PERSONAS
-
         if alignment not in SYNTHETIC_PERSONAS:
             raise ConfigError(
                 f"No built-in persona for {alignment!r}; choose from {sorted(SYNTHETIC_PERSONAS)} "
@@ -328,8 +329,6 @@ def mean_difference_vector(
     Returns:
         A ``SteeringVector``.
     """
-    from irm_lens.data.corpora import load_alignment
-
     sets, names = [], []
     for texts in (positive, negative):
         names.append(texts if isinstance(texts, str) else f"{len(texts)} texts")

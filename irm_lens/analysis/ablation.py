@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import ContextManager, Literal, get_args, Sequence
 
 import pandas as pd
 import torch
@@ -34,21 +34,19 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
-from irm_lens.analysis._common import (
-    Provenance,
-    check_layers,
-    check_neuron,
-    prompts_or_default,
-    random_indices,
-    score_conditions,
-    stacked,
-    text_batches,
-)
+from irm_lens.analysis.conditions import prompts_or_default, score_conditions, stacked, text_batches
+from irm_lens.analysis.indices import check_layers, check_neuron, random_indices
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.data.corpora import load_alignment
 from irm_lens.errors import ConfigError
-from irm_lens.inject import inject, remove_hook
+from irm_lens.generation import generate_continuations
+from irm_lens.hooks import IndexValue, overwrite_index, permanent_hooks
+from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.scoring import emotion_scores
 
 AblationMode = Literal["zero", "mean", "resample"]
+ABLATION_MODES: tuple[str, ...] = get_args(AblationMode)
 
 
 def reference_activations(
@@ -84,8 +82,8 @@ class Ablation:
         seed: int = 0,
         reference_acts: dict[int, Tensor] | None = None,
     ):
-        if mode not in ("zero", "mean", "resample"):
-            raise ConfigError(f"mode must be 'zero', 'mean' or 'resample', got {mode!r}.")
+        if mode not in ABLATION_MODES:
+            raise ConfigError(f"mode must be one of {ABLATION_MODES}, got {mode!r}.")
         self.model = model
         self.neuron = check_neuron(model, neuron)
         self.layers = check_layers(model, layers)
@@ -95,7 +93,7 @@ class Ablation:
         self._pools: dict[int, Tensor] | None = None
         if reference_acts is not None:
             self._pools = {layer: reference_acts[layer][:, self.neuron] for layer in self.layers}
-        self._added: list = []
+        self._active: ContextManager[None] | None = None
 
     def _reference_values(self) -> dict[int, Tensor]:
         """The index's values over the reference texts' real tokens, per layer."""
@@ -104,43 +102,35 @@ class Ablation:
             self._pools = {layer: a[:, self.neuron] for layer, a in acts.items()}
         return self._pools
 
+    def _value(self, layer: int, gen: torch.Generator) -> IndexValue:
+        """What the index is set to at ``layer``: 0, the reference mean, or a resampler."""
+        if self.mode == "zero":
+            return 0.0
+        pool = self._reference_values()[layer]
+        if self.mode == "mean":
+            return float(pool.mean())
+
+        def resample(resid: Tensor) -> Tensor:
+            draw = torch.randint(0, len(pool), resid.shape[:-1], generator=gen)
+            return pool[draw].to(resid.device)
+
+        return resample
+
     def __enter__(self) -> Ablation:
-        if self._added:
+        if self._active is not None:
             raise RuntimeError("This Ablation is already active; it cannot be entered twice.")
-        index = self.neuron
-        pools = self._reference_values() if self.mode != "zero" else {}
         gen = torch.Generator().manual_seed(self.seed)
-        for layer in self.layers:
-            if self.mode == "zero":
-                def hook(resid: Tensor, hook) -> Tensor:
-                    resid = resid.clone()
-                    resid[..., index] = 0.0
-                    return resid
-            elif self.mode == "mean":
-                mean = float(pools[layer].mean())
-
-                def hook(resid: Tensor, hook, mean: float = mean) -> Tensor:
-                    resid = resid.clone()
-                    resid[..., index] = mean
-                    return resid
-            else:
-                pool = pools[layer]
-
-                def hook(resid: Tensor, hook, pool: Tensor = pool) -> Tensor:
-                    draw = torch.randint(0, len(pool), resid.shape[:-1], generator=gen)
-                    resid = resid.clone()
-                    resid[..., index] = pool[draw].to(device=resid.device, dtype=resid.dtype)
-                    return resid
-
-            point = self.model.hook_dict[get_act_name("resid_post", layer)]
-            point.add_hook(hook, dir="fwd", is_permanent=True)
-            self._added.append((point, hook))
+        hooks = [(get_act_name("resid_post", layer),
+                  overwrite_index(self.neuron, self._value(layer, gen)), False)
+                 for layer in self.layers]
+        self._active = permanent_hooks(self.model, hooks)
+        self._active.__enter__()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for point, hook in self._added:
-            remove_hook(point, hook)
-        self._added = []
+        active, self._active = self._active, None
+        if active is not None:
+            active.__exit__(*exc_info)
 
 
 @dataclass(frozen=True)
@@ -161,7 +151,7 @@ class AblationResult:
     """
 
     neuron: int
-    mode: str
+    mode: AblationMode
     layers: tuple[int, ...]
     table: pd.DataFrame
     baseline: dict[str, float]
@@ -248,8 +238,6 @@ def measure_ablation(
     target = Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
     if texts is None:
         if alignment is not None:
-            from irm_lens.data.corpora import load_alignment
-
             texts = list(load_alignment(alignment).texts[:n_texts])
         else:
             texts = prompts_or_default(None, n_texts)
@@ -307,9 +295,6 @@ def measure_ablation(
 def _emotion_under_ablation(model, irm, alignment, ablations, n_prompts, max_new_tokens, seed,
                             progress):
     """Mean ``alignment`` score of greedy steered continuations, per ablated index."""
-    from irm_lens.generation import generate_continuations
-    from irm_lens.scoring import emotion_scores
-
     prompts = prompts_or_default(None, n_prompts)
     kwargs = dict(max_new_tokens=max_new_tokens, seed=seed)
 

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from transformer_lens.utilities import get_act_name
 
 import irm_lens
-from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
+from irm_lens.data.dataset import tokenize_texts
 from irm_lens.errors import NeuronIndexError
+from irm_lens.losses import masked_lm_loss
 
 K = 7
 
@@ -127,7 +128,7 @@ def test_patching_the_only_pushed_index_restores_all_and_random_ones_nothing(tin
     irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="linear", zero_init_output=True)
     with torch.no_grad():
         irm.out.bias.view(4, 64)[:, K] = 3.0
-    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, what="irm", n_random=3,
+    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, target="irm", n_random=3,
                                    progress=False)
     table = result.table
     target_all = table[(table["kind"] == "target") & (table["layer"] == -1)]
@@ -145,7 +146,7 @@ def test_resid_patching_at_the_last_layer_is_exact_when_only_that_index_differs(
     irm = irm_lens.IRM.for_model(tiny_model, layers=[last], preset="linear", zero_init_output=True)
     with torch.no_grad():
         irm.out.bias[K] = 3.0
-    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, what="resid", layers=[last],
+    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, target="resid", layers=[last],
                                    n_random=2, progress=False)
     table = result.table
     target = table[(table["kind"] == "target") & (table["layer"] == last)]
