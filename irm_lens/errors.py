@@ -23,10 +23,6 @@ class DataNotFoundError(IRMLensError, FileNotFoundError):
     """A data file or corpus is missing."""
 
 
-class TrainingDivergedError(IRMLensError, FloatingPointError):
-    """Training produced a non-finite loss."""
-
-
 class UnsupportedArchitectureError(IRMLensError, ValueError):
     """The model is not a Llama-architecture causal LM."""
 

@@ -18,7 +18,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -30,8 +30,9 @@ from irm_lens._io import atomic_write
 from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
 
 InjectSite = Literal["resid_pre", "resid_mid", "resid_post"]
-INJECT_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
-STEER_MODES: tuple[str, ...] = ("all", "reply")
+INJECT_SITES: tuple[str, ...] = get_args(InjectSite)
+SteerMode = Literal["all", "reply"]
+STEER_MODES: tuple[str, ...] = get_args(SteerMode)
 
 # (width as a multiple of d_model, number of hidden ReLU layers)
 IRM_PRESETS: dict[str, tuple[float, int]] = {
@@ -142,13 +143,13 @@ class IRMConfig:
     n_layers: int
     layers: tuple[int, ...]
     read_site: str = "blocks.0.hook_resid_mid"
-    inject_site: str = "resid_post"
+    inject_site: InjectSite = "resid_post"
     d_hidden: int = 0
     n_hidden_layers: int = 4
     output_scale: float = 1.0
     zero_init_output: bool = False
     host_model: str = ""
-    steer: str = "all"
+    steer: SteerMode = "all"
 
     def __post_init__(self) -> None:
         for name, limit in (("d_model", _MAX_D_MODEL), ("n_layers", _MAX_N_LAYERS)):

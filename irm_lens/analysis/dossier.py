@@ -8,9 +8,10 @@ from typing import Any, Sequence
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from irm_lens.analysis._common import Provenance, check_neuron, prompts_or_default
 from irm_lens.analysis.ablation import AblationResult, measure_ablation
 from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
+from irm_lens.analysis.conditions import prompts_or_default
+from irm_lens.analysis.indices import check_neuron
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
 from irm_lens.analysis.outputs import (
@@ -22,6 +23,7 @@ from irm_lens.analysis.outputs import (
     striation_score,
 )
 from irm_lens.analysis.patching import PatchingResult, patch_neuron
+from irm_lens.analysis.provenance import Provenance
 from irm_lens.irm import IRM
 
 
