@@ -16,7 +16,7 @@ import math
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args
 
@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
 from irm_lens._io import atomic_write
-from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
+from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError, check_config_keys
 
 InjectSite = Literal["resid_pre", "resid_mid", "resid_post"]
 INJECT_SITES: tuple[str, ...] = get_args(InjectSite)
@@ -225,10 +225,7 @@ class IRMConfig:
         """Rebuild (and validate) a config from ``to_dict`` output; unknown keys are refused."""
         if not isinstance(d, dict):
             raise ConfigError(f"An IRM config must be a JSON object, got {type(d).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"Unknown IRM config keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "IRM config")
         d = dict(d)
         if "layers" in d:
             if not isinstance(d["layers"], list):

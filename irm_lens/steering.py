@@ -19,7 +19,7 @@ import json
 import math
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator, Literal, Sequence, Union
 
@@ -34,7 +34,7 @@ from irm_lens._io import atomic_write
 from irm_lens.data.corpora import load_alignment
 from irm_lens.data.dataset import Example, tokenize_texts
 from irm_lens.data.personas import SYNTHETIC_PERSONAS
-from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
+from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError, check_config_keys
 from irm_lens.hooks import permanent_hooks
 from irm_lens.inject import check_positions, inject, position_mask
 from irm_lens.irm import INJECT_SITES, IRM, check_host, layer_set
@@ -96,9 +96,7 @@ class SteeringVectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SteeringVectorConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"Unknown steering vector config keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "steering vector config")
         return cls(**d)
 
 

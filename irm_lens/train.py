@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,7 +46,7 @@ from irm_lens.data.dataset import (
     tokenize_texts,
 )
 from irm_lens.distributed import Ranks
-from irm_lens.errors import CheckpointError, ConfigError
+from irm_lens.errors import CheckpointError, ConfigError, check_config_keys
 from irm_lens.inject import inject
 from irm_lens.irm import IRM, IRMConfig
 from irm_lens.objectives import (
@@ -156,9 +156,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"Unknown TrainConfig keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "TrainConfig")
         return cls(**d)
 
 

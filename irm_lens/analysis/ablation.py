@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Literal, get_args, Sequence
+from typing import ContextManager, Literal, Sequence, get_args
 
 import pandas as pd
 import torch

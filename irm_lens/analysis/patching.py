@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Literal, get_args, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import pandas as pd
 import torch
