@@ -19,7 +19,7 @@ import torch
 
 def main() -> None:
     import irm_lens
-    from irm_lens.analysis._common import spearman
+    from irm_lens.analysis.stats import spearman
 
     texts = list(irm_lens.load_alignment("anger").texts[:16])
     times: dict[str, dict[str, float]] = {}

@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     import irm_lens
-    from irm_lens.analysis._common import score_conditions, spearman, text_batches
+    from irm_lens.analysis.conditions import score_conditions, text_batches
+    from irm_lens.analysis.stats import spearman
 
     val_texts = list(irm_lens.split_texts(irm_lens.load_alignment("anger").texts, seed=0).val[:32])
 

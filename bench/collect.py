@@ -11,7 +11,7 @@ import statistics
 import time
 
 import torch
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 
 def main() -> None:
@@ -22,14 +22,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import irm_lens
-    from irm_lens.analysis._common import right_padded, steered_sequences
+    from irm_lens.analysis.conditions import steered_sequences
+    from irm_lens.data.dataset import right_pad
 
     model = irm_lens.load_model(device="cpu")
     prompts = irm_lens.neutral_prompts(args.prompts, split="eval")
     rows = [ids for ids, _ in steered_sequences(model, None, prompts, max_new_tokens=0)[0]]
-    batches = [right_padded(rows[i : i + args.batch], model.tokenizer.pad_token_id or 0)[0]
+    batches = [right_pad(rows[i : i + args.batch], model.tokenizer.pad_token_id or 0)[0]
                for i in range(0, len(rows), args.batch)]
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+    names = [get_act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
 
     def plain() -> float:
         t = time.perf_counter()

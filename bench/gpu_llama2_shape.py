@@ -51,7 +51,7 @@ def irm_step(model, irm, optimizer, ids, loss_mask) -> None:
     """One IRM training step as ``irm_lens.train`` takes it: inject, masked LM loss, backward,
     Adam on the IRM (shared with ``train_step.py``)."""
     import irm_lens
-    from irm_lens.data.dataset import masked_lm_loss
+    from irm_lens.losses import masked_lm_loss
 
     with irm_lens.inject(model, irm):
         loss = masked_lm_loss(model(ids), ids, loss_mask)

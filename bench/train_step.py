@@ -42,7 +42,8 @@ def main() -> None:
     import irm_lens
     from irm_lens import models
     from irm_lens.attention import set_attention
-    from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
+    from irm_lens.data.dataset import tokenize_texts
+    from irm_lens.losses import masked_lm_loss
 
     model = irm_lens.load_model(device="cpu", dtype=dtype)
     path = models.embedded_gguf_path()

@@ -26,7 +26,8 @@ The public API:
 * ``investigate``: the main job, all of the above in one call.
 """
 
-from irm_lens.analysis.ablation import Ablation, AblationResult, ablate
+from irm_lens._packages import irm_lens_version
+from irm_lens.analysis.ablation import Ablation, AblationResult, ablate, measure_ablation
 from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
 from irm_lens.analysis.dossier import NeuronDossier, explain
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
@@ -49,8 +50,8 @@ from irm_lens.analysis.prediction import (
     predict_dominant,
     validate_prediction,
 )
-from irm_lens.analysis.sweeps import SweepRun, run_sweep, sweep_runs
 from irm_lens.attention import set_attention
+from irm_lens.compare import SteeringComparison, compare_steering
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, load_alignment, neutral_prompts
 from irm_lens.data.dataset import load_texts, split_texts
 from irm_lens.data.synthetic import generate_synthetic, read_synthetic
@@ -65,7 +66,6 @@ from irm_lens.errors import (
     ShapeMismatchError,
     UnsupportedArchitectureError,
 )
-from irm_lens.compare import SteeringComparison, compare_steering
 from irm_lens.evaluate import EvalResult, evaluate
 from irm_lens.inject import inject
 from irm_lens.investigate import Investigation, InvestigationSettings, investigate
@@ -82,6 +82,7 @@ from irm_lens.steering import (
     mean_difference_vector,
     warm_start,
 )
+from irm_lens.sweeps import SweepRun, run_sweep, sweep_runs
 from irm_lens.train import TrainConfig, TrainResult, paper_l1, train
 
 __all__ = [
@@ -107,6 +108,7 @@ __all__ = [
     "dominant_neurons",
     "explain",
     "logit_attribution",
+    "measure_ablation",
     "norm_weights",
     "patch_neuron",
     "predict_dominant",
@@ -164,4 +166,4 @@ __all__ = [
     "layer_set",
     "load_model",
 ]
-__version__ = "0.1.0"
+__version__ = irm_lens_version()

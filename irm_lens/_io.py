@@ -1,4 +1,5 @@
-"""Atomic file writing: every artefact irm_lens saves goes through here.
+"""Files: atomic writing (every artefact irm_lens saves goes through here) and the cache
+directory.
 
 A crash at any moment leaves either the previous file or the new one, never a torn one:
 data goes to a temporary file in the same directory, is flushed to disk, then renamed over
@@ -69,3 +70,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write a JSON file atomically, sorted and indented for diffs."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def cache_dir() -> Path:
+    """Where converted models and built datasets are cached: ``$IRM_LENS_CACHE``, else
+    ``$XDG_CACHE_HOME/irm_lens``."""
+    if os.environ.get("IRM_LENS_CACHE"):
+        return Path(os.environ["IRM_LENS_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "irm_lens"

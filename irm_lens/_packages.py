@@ -1,11 +1,21 @@
-"""Files that ship inside data-only PyPI packages, located without importing the packages."""
+"""Installed packages: irm_lens's own version, and files that ship inside data-only PyPI
+packages, located without importing those packages."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
 from irm_lens.errors import IRMLensError
+
+
+def irm_lens_version() -> str:
+    """The installed irm_lens's version (from its metadata; pyproject.toml is the one source)."""
+    try:
+        return importlib.metadata.version("irm_lens")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "0+unknown"
 
 
 def package_file(package: str, pin: str, relative: str, error: type[IRMLensError]) -> Path:

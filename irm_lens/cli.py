@@ -3,22 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+import pandas as pd
 import torch
 
 from irm_lens._io import atomic_write_json, atomic_write_text
-from irm_lens.data.synthetic import SYNTHETIC_METHODS
+from irm_lens.analysis.dossier import explain
+from irm_lens.analysis.outputs import collect_irm_outputs, compare_runs, dominant_neurons
+from irm_lens.analysis.prediction import predict_dominant, validate_prediction
+from irm_lens.compare import compare_steering
+from irm_lens.data.corpora import BUILTIN_ALIGNMENTS
+from irm_lens.data.dataset import load_texts
+from irm_lens.data.synthetic import SYNTHETIC_METHODS, generate_synthetic, read_synthetic
 from irm_lens.errors import ConfigError, IRMLensError
+from irm_lens.evaluate import evaluate
 from irm_lens.generation import compare_generations
+from irm_lens.investigate import InvestigationSettings, investigate
 from irm_lens.irm import IRM, IRM_PRESETS, STEER_MODES
 from irm_lens.models import load_model
 from irm_lens.objectives import OBJECTIVES
-from irm_lens.recipes import RECIPES
+from irm_lens.pairs import generate_pairs, read_pairs
+from irm_lens.recipes import RECIPES, train_recipe
+from irm_lens.report import report
+from irm_lens.report.figures import dose_response_figure
+from irm_lens.steering import (
+    ACTADD_PAIRS,
+    Prompting,
+    SteeringVector,
+    actadd_vector,
+    mean_difference_vector,
+    warm_start,
+)
+from irm_lens.sweeps import run_sweep
+from irm_lens.train import TrainConfig, paper_l1, train
 
 DEFAULT_PROMPTS = [
     "Tell me about your weekend.",
@@ -49,8 +73,6 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from irm_lens.investigate import InvestigationSettings, investigate
-
     start = time.perf_counter()
     model = _load(args)
     print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model "
@@ -114,9 +136,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from irm_lens.data.dataset import load_texts
-    from irm_lens.train import paper_l1, train
-
     if args.max_per_opening is not None and not args.synthetic:
         raise ConfigError("--max-per-opening caps the rows of a --synthetic file; give --synthetic.")
     if _uses_recipe(args):
@@ -128,16 +147,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         steer=args.steer,
     )
     if args.warm_start:
-        from irm_lens.steering import SteeringVector, warm_start
-
         warm_start(irm, SteeringVector.load(args.warm_start, model))
     if args.pairs:
-        from irm_lens.pairs import read_pairs
-
         data = read_pairs(args.pairs, degenerate=args.with_degenerate)
     elif args.synthetic:
-        from irm_lens.data.synthetic import read_synthetic
-
         # With --chat each answer is the reply to its own question, as evaluate() asks it.
         data = read_synthetic(args.synthetic, pairs=args.chat, max_per_opening=args.max_per_opening)
     elif args.data:
@@ -187,8 +200,6 @@ def _uses_recipe(args: argparse.Namespace) -> bool:
 
 def _train_recipe(args: argparse.Namespace) -> int:
     """``train --alignment A [--recipe R]``: the named recipe, with only --steps and --seed."""
-    from irm_lens.recipes import train_recipe
-
     args.recipe = args.recipe or "preference"
     print(f"training with the {args.recipe!r} recipe (irm_lens.recipes.RECIPES) into {args.out}")
     result = train_recipe(_load(args), args.alignment, args.out, recipe=args.recipe,
@@ -202,8 +213,6 @@ def _train_recipe(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, **overrides):
     """The TrainConfig of the optimisation options shared by ``train`` and ``sweep``."""
-    from irm_lens.train import TrainConfig
-
     values = dict(
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         max_epochs=args.epochs, max_steps=args.steps, eval_every=args.eval_every,
@@ -221,8 +230,6 @@ def _on_off(text: str) -> bool:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from irm_lens.analysis.sweeps import run_sweep
-
     model = _load(args)
     shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
     if len(shard) != 2:
@@ -242,10 +249,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from irm_lens.analysis.outputs import collect_irm_outputs, compare_runs
-
     model = _load(args)
     root = Path(args.sweep)
     dirs = sorted(p.parent for p in root.glob("*/irm.safetensors"))
@@ -268,8 +271,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from irm_lens.analysis.prediction import predict_dominant, validate_prediction
-
     if args.model_name:
         if args.model and args.model != args.model_name:
             raise ConfigError(f"Two models given: {args.model_name!r} and --model {args.model!r}.")
@@ -292,8 +293,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 0
     texts = None
     if args.texts:
-        from irm_lens.data.dataset import load_texts
-
         texts = load_texts(args.texts, text_column=args.text_column)
     prediction = predict_dominant(
         model, texts, args.k, alignment=args.alignment, layers=args.layers, n_texts=args.n_texts,
@@ -308,9 +307,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from irm_lens.analysis.dossier import explain
-    from irm_lens.analysis.outputs import collect_irm_outputs, dominant_neurons
-
     model = _load(args)
     irm = IRM.load(args.irm, model) if args.irm else None
     neuron = args.neuron
@@ -348,13 +344,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from irm_lens.analysis.dossier import explain
-    from irm_lens.analysis.outputs import collect_irm_outputs, compare_runs, dominant_neurons
-    from irm_lens.evaluate import evaluate
-    from irm_lens.report import report
-
     model = _load(args)
     run_dir = Path(args.run)
     irm = IRM.load(run_dir / "irm.safetensors", model)
@@ -385,11 +374,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _run_alignment(run_dir) -> str:
     """The built-in alignment a run directory was trained on (from its run.json)."""
-    import json
-
     description = json.loads((run_dir / "run.json").read_text())["data"].get("description", "")
-    from irm_lens.data.corpora import BUILTIN_ALIGNMENTS
-
     if description not in BUILTIN_ALIGNMENTS:
         raise ConfigError(f"{run_dir} was not trained on a built-in alignment ({description!r}); "
                           "give --alignment.")
@@ -397,8 +382,6 @@ def _run_alignment(run_dir) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from irm_lens.evaluate import evaluate
-
     model = _load(args)
     result = evaluate(
         model, _intervention(args, model), args.alignment, args.prompt, n_prompts=args.n_prompts,
@@ -414,8 +397,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from irm_lens.data.synthetic import generate_synthetic
-
     model = _load(args)
     result = generate_synthetic(
         model, args.alignment, args.out, n_rows=args.rows, seed=args.seed,
@@ -433,8 +414,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _write_tables(out_dir: str, tables: dict) -> None:
     """Write each DataFrame as ``{name}.csv`` under ``out_dir`` (atomically) and say where."""
-    from pathlib import Path
-
     for name, frame in tables.items():
         atomic_write_text(Path(out_dir) / f"{name}.csv", frame.to_csv(index=False))
     print(f"tables written to {out_dir}")
@@ -447,8 +426,6 @@ def _print_frames(*frames) -> None:
 
 
 def _pd_options():
-    import pandas as pd
-
     return pd.option_context("display.width", 200, "display.max_columns", 30)
 
 
@@ -462,8 +439,6 @@ def _add_intervention_args(parser: argparse.ArgumentParser) -> None:
 
 def _intervention(args: argparse.Namespace, model):
     """The IRM, steering vector or persona that ``--irm`` / ``--vector`` / ``--prompting`` name."""
-    from irm_lens.steering import Prompting, SteeringVector
-
     if args.irm:
         return IRM.load(args.irm, model)
     if args.vector:
@@ -472,8 +447,6 @@ def _intervention(args: argparse.Namespace, model):
 
 
 def _cmd_vector(args: argparse.Namespace) -> int:
-    from irm_lens.steering import ACTADD_PAIRS, actadd_vector, mean_difference_vector
-
     model = _load(args)
     start = time.perf_counter()
     if args.method == "caa":
@@ -498,8 +471,6 @@ def _cmd_vector(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from irm_lens.pairs import generate_pairs
-
     model = _load(args)
     table = generate_pairs(
         model, _intervention(args, model), args.alignment, args.out, n_prompts=args.n_prompts,
@@ -521,10 +492,6 @@ def _named_paths(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def _cmd_compare_steering(args: argparse.Namespace) -> int:
-    from irm_lens.compare import compare_steering
-    from irm_lens.report.figures import dose_response_figure
-    from irm_lens.steering import Prompting, SteeringVector
-
     model = _load(args)
     interventions = {n: IRM.load(p, model) for n, p in _named_paths(args.irm, "--irm").items()}
     interventions.update({n: SteeringVector.load(p, model)
@@ -547,8 +514,6 @@ def _cmd_compare_steering(args: argparse.Namespace) -> int:
     )
     _print_frames(result.table.drop(columns=["off"]))
     if args.out:
-        from pathlib import Path
-
         _write_tables(args.out, {"comparison": result.table, "samples": result.samples})
         figure = dose_response_figure(result)
         atomic_write_text(Path(args.out) / "dose_response.html",
@@ -614,6 +579,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_LAYER_SETS = "all, q1..q4, every4, 2-5, 3,7"
+
+
+def _add_irm_args(
+    parser: argparse.ArgumentParser, *, layers: str | None = "all", preset: str | None = "paper",
+    seed: int = 0, layers_help: str = _LAYER_SETS, preset_help: str | None = None,
+) -> None:
+    """``--layers``, ``--preset`` and ``--seed`` of the IRM a command builds."""
+    parser.add_argument("--layers", default=layers, help=layers_help)
+    parser.add_argument("--preset", default=preset, choices=sorted(IRM_PRESETS), help=preset_help)
+    parser.add_argument("--seed", type=int, default=seed,
+                        help="seeds the IRM's initialisation and the run's randomness")
+
+
 def _add_optimisation_args(
     parser: argparse.ArgumentParser, steps: int | None = None, max_length: int = 128,
     lr: float = 1e-4, eval_every: int | None = None, max_val_batches: int | None = None,
@@ -644,14 +623,7 @@ def _add_optimisation_args(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="irm-lens",
-        description="Steer a frozen Llama with an Injectable Realignment Model and explain it.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_parser(sub) -> None:
     main_job = sub.add_parser(
         "run", help="the main job: train an IRM, find and explain its dominant neuron, report"
     )
@@ -662,12 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="preference: a CAA warm start trained on preference pairs; "
                                "paper: cross-entropy on the alignment's texts")
     main_job.add_argument("--pairs", help="preference pairs (`irm-lens pairs`) for the recipe")
-    main_job.add_argument("--layers", default=None, help="layer set (default: the recipe's, all)")
-    main_job.add_argument("--preset", default=None, choices=sorted(IRM_PRESETS),
-                          help="IRM size (default: the recipe's, small)")
+    _add_irm_args(main_job, layers=None, preset=None,
+                  layers_help="layer set (default: the recipe's, all)",
+                  preset_help="IRM size (default: the recipe's, small)")
     main_job.add_argument("--steps", type=int, default=None,
                           help="training steps (default: the recipe's)")
-    main_job.add_argument("--seed", type=int, default=0)
     main_job.add_argument("--n-prompts", type=int, default=12, help="prompts for the analyses")
     main_job.add_argument("--max-new-tokens", type=int, default=20)
     main_job.add_argument("--n-random", type=int, default=4,
@@ -676,14 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--out", default="runs/main", help="run directory and report.html")
     main_job.set_defaults(func=_cmd_run)
 
+
+def _add_generate_parser(sub) -> None:
     run = sub.add_parser(
         "generate", help="inject an IRM (trained or random) and compare generations"
     )
     _add_model_args(run)
     run.add_argument("--irm", help="a saved IRM (.safetensors file or its directory)")
-    run.add_argument("--layers", default="all", help="layer set for a new IRM (all, q1..q4, every4, 2-5, 3,7)")
-    run.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
-    run.add_argument("--seed", type=int, default=0)
+    _add_irm_args(run, layers_help=f"layer set for a new IRM ({_LAYER_SETS})")
     run.add_argument("--scale", type=float, default=1.0, help="multiplier on the IRM's outputs")
     run.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     run.add_argument("--max-new-tokens", type=int, default=30)
@@ -694,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="write the generations as JSON here")
     run.set_defaults(func=_cmd_generate)
 
+
+def _add_train_parser(sub) -> None:
     tr = sub.add_parser("train", help="train an IRM toward an alignment")
     _add_model_args(tr)
     source = tr.add_mutually_exclusive_group(required=True)
@@ -716,8 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prompt-column", default=None,
                     help="with --data: a column of prompts; each text is trained as the chat "
                          "reply to its own prompt")
-    tr.add_argument("--layers", default="all", help="all, q1..q4, every4, 2-5, 3,7")
-    tr.add_argument("--preset", default="paper", choices=sorted(IRM_PRESETS))
+    _add_irm_args(tr, seed=42)
     tr.add_argument("--zero-init", action="store_true", help="start from a zero output layer")
     tr.add_argument("--warm-start", metavar="VECTOR",
                     help="a steering vector from `irm-lens vector`: the IRM's output bias starts "
@@ -725,12 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steer", default="all", choices=STEER_MODES,
                     help="steer every position, or only a chat reply's (needs --chat)")
     tr.add_argument("--l1", default="0", help="L1 coefficient on IRM outputs, or 'paper'")
-    tr.add_argument("--seed", type=int, default=42)
     _add_optimisation_args(tr)
     tr.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
     tr.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     tr.set_defaults(func=_cmd_train)
 
+
+def _add_sweep_parser(sub) -> None:
     sw = sub.add_parser(
         "sweep", help="train the paper's grid of IRMs (alignments x layer sets x L1 x seeds)"
     )
@@ -749,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="sweep directory (resumed if interrupted)")
     sw.set_defaults(func=_cmd_sweep)
 
+
+def _add_compare_parser(sub) -> None:
     cmp_ = sub.add_parser(
         "compare", help="do a sweep's IRMs rely on the same residual index?"
     )
@@ -761,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", help="directory for runs.csv, pairs.csv, consensus.csv")
     cmp_.set_defaults(func=_cmd_compare)
 
+
+def _add_predict_parser(sub) -> None:
     pr = sub.add_parser(
         "predict", help="name the index an IRM will rely on, from the frozen model alone"
     )
@@ -786,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="directory for the tables (CSV)")
     pr.set_defaults(func=_cmd_predict)
 
+
+def _add_explain_parser(sub) -> None:
     ex = sub.add_parser("explain", help="every analysis of one residual index (a dossier)")
     _add_model_args(ex)
     ex.add_argument("--neuron", type=int, help="residual index (default: the IRM's dominant one)")
@@ -798,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="directory for the tables (CSV)")
     ex.set_defaults(func=_cmd_explain)
 
+
+def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="one self-contained HTML report of a trained run")
     _add_model_args(rep)
     rep.add_argument("--run", required=True, help="a training run directory")
@@ -812,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="the HTML file to write")
     rep.set_defaults(func=_cmd_report)
 
+
+def _add_evaluate_parser(sub) -> None:
     ev = sub.add_parser("evaluate", help="measure an IRM's alignment on held-out neutral prompts")
     _add_model_args(ev)
     _add_intervention_args(ev)
@@ -828,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="directory for samples.csv, summary.csv, lift.csv")
     ev.set_defaults(func=_cmd_evaluate)
 
+
+def _add_synth_parser(sub) -> None:
     syn = sub.add_parser(
         "synth", help="generate paper-style alignment data: questions answered in a tone"
     )
@@ -853,11 +838,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="most rows generated, kept or not (default: 10 x --rows)")
     syn.set_defaults(func=_cmd_synth)
 
-    _add_steering_parsers(sub)
 
+def _add_info_parser(sub) -> None:
     info = sub.add_parser("info", help="print a model's architecture as irm_lens loads it")
     _add_model_args(info)
     info.set_defaults(func=_cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irm-lens",
+        description="Steer a frozen Llama with an Injectable Realignment Model and explain it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_run_parser,
+        _add_generate_parser,
+        _add_train_parser,
+        _add_sweep_parser,
+        _add_compare_parser,
+        _add_predict_parser,
+        _add_explain_parser,
+        _add_report_parser,
+        _add_evaluate_parser,
+        _add_synth_parser,
+        _add_steering_parsers,
+        _add_info_parser,
+    ):
+        add(sub)
     return parser
 
 

@@ -6,6 +6,9 @@ the closest built-in exception so that generic ``except ValueError`` code keeps 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 
 class IRMLensError(Exception):
     """Base class of every error raised by irm_lens."""
@@ -21,10 +24,6 @@ class ModelNotAvailableOfflineError(IRMLensError, OSError):
 
 class DataNotFoundError(IRMLensError, FileNotFoundError):
     """A data file or corpus is missing."""
-
-
-class TrainingDivergedError(IRMLensError, FloatingPointError):
-    """Training produced a non-finite loss."""
 
 
 class UnsupportedArchitectureError(IRMLensError, ValueError):
@@ -49,3 +48,11 @@ class OutputPathError(IRMLensError, OSError):
 
 class NeuronIndexError(IRMLensError, IndexError):
     """A residual index ("neuron") or layer is outside the model, or not an integer."""
+
+
+def check_config_keys(config_class: type, d: Mapping[str, Any], what: str) -> None:
+    """Refuse keys of a saved config ``d`` that the dataclass ``config_class`` has no field for
+    (a file from a newer version, or a typo), naming ``what`` the config is."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(config_class)}
+    if unknown:
+        raise ConfigError(f"Unknown {what} keys: {sorted(unknown)}.")

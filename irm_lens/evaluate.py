@@ -9,7 +9,6 @@ unsteered model.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +16,18 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from irm_lens.data.dataset import masked_lm_loss
+from irm_lens.data.corpora import neutral_prompts
+from irm_lens.data.dataset import right_pad
 from irm_lens.errors import ConfigError
 from irm_lens.generation import Continuation, generate_continuations
-from irm_lens.scoring import SCORE_COLUMNS, emotion_scores
+from irm_lens.losses import masked_lm_loss
+from irm_lens.scoring import (
+    SCORE_COLUMNS,
+    distinct_n,
+    emotion_scores,
+    identical_share,
+    repetition_rate,
+)
 from irm_lens.steering import Intervention
 
 
@@ -135,8 +142,6 @@ def check_alignment(alignment: str) -> None:
 def eval_prompts(prompts: list[str] | None, n_prompts: int, first_prompt: int) -> list[str]:
     """``prompts``, or ``n_prompts`` built-in held-out prompts from ``first_prompt`` on."""
     if prompts is None:
-        from irm_lens.data.corpora import neutral_prompts
-
         if isinstance(first_prompt, bool) or not isinstance(first_prompt, int) or first_prompt < 0:
             raise ConfigError(f"first_prompt must be a non-negative integer, got {first_prompt!r}.")
         prompts = neutral_prompts(first_prompt + n_prompts, split="eval")[first_prompt:]
@@ -211,34 +216,6 @@ def measure(
     return EvalResult(alignment, samples, summary, lift, degenerate, _verdict(lift, alignment))
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Unique word n-grams over all n-grams, pooled over ``texts`` (0 when there are none)."""
-    grams = [g for t in texts for g in _ngrams(t.lower().split(), n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def repetition_rate(text: str, n: int = 3) -> float:
-    """Share of a text's word n-grams that already occurred earlier in the same text."""
-    grams = _ngrams(text.lower().split(), n)
-    if not grams:
-        return 0.0
-    seen, repeats = set(), 0
-    for g in grams:
-        repeats += g in seen
-        seen.add(g)
-    return repeats / len(grams)
-
-
-def identical_share(texts: list[str]) -> float:
-    """Share of texts whose exact (stripped) string is also another text's output."""
-    counts = Counter(t.strip() for t in texts)
-    return sum(1 for t in texts if counts[t.strip()] > 1) / len(texts) if texts else 0.0
-
-
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-
-
 @torch.no_grad()
 def _perplexities(model: HookedTransformer, continuations: list[Continuation], batch_size: int) -> list[float]:
     """Perplexity of each continuation given its prompt, under the unsteered model."""
@@ -247,12 +224,8 @@ def _perplexities(model: HookedTransformer, continuations: list[Continuation], b
     for start in range(0, len(continuations), batch_size):
         batch = continuations[start : start + batch_size]
         seqs = [list(c.prompt_ids) + list(c.new_ids) for c in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)  # 1 on generated tokens only: the prompt is not scored
-        for i, (s, c) in enumerate(zip(seqs, batch)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, len(c.prompt_ids) : len(s)] = 1
+        # Generated tokens only are scored: the prompt is not.
+        ids, _, mask = right_pad(seqs, pad, scored_from=[len(c.prompt_ids) for c in batch])
         logits = model(ids.to(model.cfg.device))
         for i in range(len(seqs)):
             if mask[i].sum() < 1:

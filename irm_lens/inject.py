@@ -12,6 +12,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from irm_lens.errors import ConfigError, ShapeMismatchError
+from irm_lens.hooks import permanent_hooks
 from irm_lens.irm import IRM
 
 
@@ -140,41 +141,3 @@ def position_mask(
         last_only[0, -1] = 1.0
         return last_only
     return None
-
-
-@contextmanager
-def permanent_hooks(
-    model: HookedTransformer, hooks: list[tuple[str, Callable, bool]]
-) -> Iterator[None]:
-    """Add ``(hook name, fn, prepend)`` forward hooks as permanent TransformerLens hooks for the
-    duration of a ``with`` block, and remove exactly those on exit, even when the block raises.
-
-    Permanent, so that ``model.reset_hooks()`` and ``run_with_cache``'s temporary hooks leave
-    them in place; every other hook (permanent or not) is left alone on exit.
-    """
-    hook_dict = model.hook_dict
-    for name, _, _ in hooks:
-        if name not in hook_dict:
-            raise ShapeMismatchError(f"The model has no hook point named {name!r}.")
-    added: list[tuple[HookPoint, Callable]] = []
-    try:
-        for name, fn, prepend in hooks:
-            hook_point = hook_dict[name]
-            hook_point.add_hook(fn, dir="fwd", is_permanent=True, prepend=prepend)
-            added.append((hook_point, fn))
-        yield
-    finally:
-        for hook_point, fn in added:
-            remove_hook(hook_point, fn)
-
-
-def remove_hook(hook_point: HookPoint, fn: Callable) -> None:
-    """Remove exactly one of our hooks, leaving every other (permanent or not) in place."""
-    kept = []
-    for handle in hook_point.fwd_hooks:
-        if handle.user_hook is fn:
-            handle.hook.remove()
-        else:
-            kept.append(handle)
-    hook_point.fwd_hooks = kept
-

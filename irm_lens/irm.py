@@ -16,22 +16,23 @@ import math
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, get_args
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens._io import atomic_write
-from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
+from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError, check_config_keys
 
 InjectSite = Literal["resid_pre", "resid_mid", "resid_post"]
-INJECT_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
-STEER_MODES: tuple[str, ...] = ("all", "reply")
+INJECT_SITES: tuple[str, ...] = get_args(InjectSite)
+SteerMode = Literal["all", "reply"]
+STEER_MODES: tuple[str, ...] = get_args(SteerMode)
 
 # (width as a multiple of d_model, number of hidden ReLU layers)
 IRM_PRESETS: dict[str, tuple[float, int]] = {
@@ -142,13 +143,13 @@ class IRMConfig:
     n_layers: int
     layers: tuple[int, ...]
     read_site: str = "blocks.0.hook_resid_mid"
-    inject_site: str = "resid_post"
+    inject_site: InjectSite = "resid_post"
     d_hidden: int = 0
     n_hidden_layers: int = 4
     output_scale: float = 1.0
     zero_init_output: bool = False
     host_model: str = ""
-    steer: str = "all"
+    steer: SteerMode = "all"
 
     def __post_init__(self) -> None:
         for name, limit in (("d_model", _MAX_D_MODEL), ("n_layers", _MAX_N_LAYERS)):
@@ -179,7 +180,7 @@ class IRMConfig:
         if _site_order(read_layer, m.group(2)) > _site_order(layers[0], self.inject_site):
             raise ConfigError(
                 f"read_site {self.read_site} runs after the first injection "
-                f"({tl_utils.get_act_name(self.inject_site, layers[0])}); read at or before it."
+                f"({get_act_name(self.inject_site, layers[0])}); read at or before it."
             )
         if not isinstance(self.output_scale, (int, float)) or not math.isfinite(
             self.output_scale
@@ -204,9 +205,14 @@ class IRMConfig:
         hidden = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
         return hidden + (widths[-1] + 1) * self.n_injected * self.d_model
 
+    @property
+    def read_layer(self) -> int:
+        """The layer of ``read_site`` (``blocks.{read_layer}.hook_resid_*``)."""
+        return int(_READ_SITE.match(self.read_site).group(1))
+
     def hook_names(self) -> list[str]:
         """The TransformerLens hook names the IRM writes to, one per injected layer."""
-        return [tl_utils.get_act_name(self.inject_site, layer) for layer in self.layers]
+        return [get_act_name(self.inject_site, layer) for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -219,10 +225,7 @@ class IRMConfig:
         """Rebuild (and validate) a config from ``to_dict`` output; unknown keys are refused."""
         if not isinstance(d, dict):
             raise ConfigError(f"An IRM config must be a JSON object, got {type(d).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"Unknown IRM config keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "IRM config")
         d = dict(d)
         if "layers" in d:
             if not isinstance(d["layers"], list):

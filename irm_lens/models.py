@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from irm_lens._io import atomic_write_json
+from irm_lens._io import atomic_write_json, cache_dir
 from irm_lens._packages import package_file
 from irm_lens.attention import AttentionKind, check_attention_kind, set_attention
 from irm_lens.errors import (
@@ -135,14 +135,6 @@ def byte_level_tokenizer():
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>",
     ))
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$IRM_LENS_CACHE``, else ``$XDG_CACHE_HOME/irm_lens``."""
-    if os.environ.get("IRM_LENS_CACHE"):
-        return Path(os.environ["IRM_LENS_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "irm_lens"
 
 
 def embedded_gguf_path() -> Path:

@@ -29,13 +29,12 @@ from irm_lens.data.dataset import (
     PreferencePair,
     TokenizedTexts,
     batch_slice,
-    masked_lm_loss,
-    sequence_logprobs,
     tokenize_texts,
 )
 from irm_lens.errors import ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.losses import masked_lm_loss, sequence_logprobs
 
 OBJECTIVES: tuple[str, ...] = ("lm", "preference")
 

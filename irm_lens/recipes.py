@@ -23,6 +23,7 @@ from transformer_lens import HookedTransformer
 
 from irm_lens.errors import ConfigError
 from irm_lens.irm import IRM
+from irm_lens.models import EMBEDDED_MODEL_NAME
 from irm_lens.pairs import generate_pairs, read_pairs
 from irm_lens.steering import SteeringVector, mean_difference_vector, warm_start
 from irm_lens.train import TrainConfig, TrainResult, train
@@ -94,8 +95,6 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
                  recipe: Recipe, out_dir: Path | None, progress: bool = True):
     """The shipped pairs for ``alignment`` on the embedded model, else pairs generated once
     (and kept in ``out_dir/pairs.jsonl``)."""
-    from irm_lens.models import EMBEDDED_MODEL_NAME
-
     shipped = SHIPPED_PAIRS / f"{alignment}.jsonl"
     path = out_dir / "pairs.jsonl" if out_dir is not None else None
     if shipped.exists() and model.cfg.model_name == EMBEDDED_MODEL_NAME:

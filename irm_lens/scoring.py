@@ -1,4 +1,5 @@
-"""Emotion scores of texts: nade's eight emotions and VADER valence, as one DataFrame.
+"""Scores of texts: emotions (nade's eight and VADER valence, as one DataFrame) and the
+degeneration measures (distinct-n, repetition, identical outputs).
 
 Both scorers ship their models inside their PyPI packages, so scoring works offline. nade's
 scores are per-emotion probabilities in [0, 1]; its anger scores rarely exceed 0.5, so compare
@@ -8,6 +9,7 @@ distributions (means with confidence intervals), never thresholds picked by eye.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from functools import lru_cache
 
 import numpy as np
@@ -57,3 +59,31 @@ def emotion_scores(texts: list[str], batch_size: int = 2048) -> pd.DataFrame:
     vader = _vader()
     columns["valence"] = [vader.polarity_scores(t)["compound"] for t in texts]
     return pd.DataFrame(columns, columns=list(SCORE_COLUMNS))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique word n-grams over all n-grams, pooled over ``texts`` (0 when there are none)."""
+    grams = [g for t in texts for g in _ngrams(t.lower().split(), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of a text's word n-grams that already occurred earlier in the same text."""
+    grams = _ngrams(text.lower().split(), n)
+    if not grams:
+        return 0.0
+    seen, repeats = set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
+def identical_share(texts: list[str]) -> float:
+    """Share of texts whose exact (stripped) string is also another text's output."""
+    counts = Counter(t.strip() for t in texts)
+    return sum(1 for t in texts if counts[t.strip()] > 1) / len(texts) if texts else 0.0
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator, Literal, Sequence, Union
 
@@ -31,9 +31,12 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
 from irm_lens._io import atomic_write
+from irm_lens.data.corpora import load_alignment
 from irm_lens.data.dataset import Example, tokenize_texts
-from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError
-from irm_lens.inject import check_positions, inject, permanent_hooks, position_mask
+from irm_lens.data.personas import SYNTHETIC_PERSONAS
+from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError, check_config_keys
+from irm_lens.hooks import permanent_hooks
+from irm_lens.inject import check_positions, inject, position_mask
 from irm_lens.irm import INJECT_SITES, IRM, check_host, layer_set
 
 STEERING_METHODS: tuple[str, ...] = ("caa", "actadd")
@@ -93,9 +96,7 @@ class SteeringVectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SteeringVectorConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"Unknown steering vector config keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "steering vector config")
         return cls(**d)
 
 
@@ -225,8 +226,6 @@ class Prompting:
     @classmethod
     def persona(cls, alignment: str) -> Prompting:
         """The tone persona the synthetic generator writes with (``SYNTHETIC_PERSONAS``)."""
-        from irm_lens.data.synthetic import SYNTHETIC_PERSONAS
-
         if alignment not in SYNTHETIC_PERSONAS:
             raise ConfigError(
                 f"No built-in persona for {alignment!r}; choose from {sorted(SYNTHETIC_PERSONAS)} "
@@ -328,8 +327,6 @@ def mean_difference_vector(
     Returns:
         A ``SteeringVector``.
     """
-    from irm_lens.data.corpora import load_alignment
-
     sets, names = [], []
     for texts in (positive, negative):
         names.append(texts if isinstance(texts, str) else f"{len(texts)} texts")

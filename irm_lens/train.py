@@ -24,7 +24,8 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from irm_lens._io import _ensure_writable_dir, atomic_write, atomic_write_json, atomic_write_text
+from irm_lens.data.corpora import load_alignment, neutral_prompts
 from irm_lens.data.dataset import (
     TextSplits,
     TokenizedTexts,
@@ -44,11 +46,12 @@ from irm_lens.data.dataset import (
     tokenize_texts,
 )
 from irm_lens.distributed import Ranks
-from irm_lens.errors import CheckpointError, ConfigError
+from irm_lens.errors import CheckpointError, ConfigError, check_config_keys
 from irm_lens.inject import inject
 from irm_lens.irm import IRM, IRMConfig
 from irm_lens.objectives import (
     OBJECTIVES,
+    Batch,
     LMObjective,
     PreferenceObjective,
     build_objective,
@@ -153,9 +156,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"Unknown TrainConfig keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "TrainConfig")
         return cls(**d)
 
 
@@ -269,163 +270,30 @@ def _train(
 ) -> TrainResult:
     start = time.perf_counter()
     irm.check_compatible(model)
-    rank_batch = ranks.check_batch(config.batch_size)
-    splits = _as_splits(data, config.seed)
-    all_chat = all(isinstance(x, tuple) for part in (splits.train, splits.val) for x in part)
-    if irm.config.steer == "reply" and not (config.chat_prompts or all_chat):
-        raise ConfigError(
-            "An IRM with steer='reply' steers only a chat reply: train it on chat examples "
-            "((prompt, reply) pairs, or TrainConfig(chat_prompts=True), --chat)."
-        )
-    prompts = None
-    if config.chat_prompts:
-        from irm_lens.data.corpora import neutral_prompts
-
-        prompts = neutral_prompts(split="train")
-    def objective_of(examples):
-        return build_objective(model, examples, objective=config.objective,
-                               max_length=config.max_length, beta=config.beta,
-                               chosen_lm=config.chosen_lm, prompts=prompts)
-
-    train_obj, val_obj = objective_of(splits.train), objective_of(splits.val)
-    kl_tok = _fluency_texts(model, config)
-    steps_per_epoch = math.ceil(len(train_obj) / config.batch_size)
-    total_steps = config.max_epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
-
-    device = next(irm.parameters()).device
-    optimizer = torch.optim.Adam(irm.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=config.lr_step_size or steps_per_epoch, gamma=config.lr_gamma
-    )
-    state = _LoopState()
-    run = _RunDir(Path(out_dir)) if out_dir is not None else None
-    writer = run if ranks.main else None  # only rank 0 writes
-    provenance = {
-        "model": model.cfg.model_name,
-        "irm_config": irm.config.to_dict(),
-        "train_config": config.to_dict(),
-        "data": {
-            "fingerprint": splits.fingerprint(),
-            "description": data if isinstance(data, str) else "user texts",
-            "n_train": len(splits.train),
-            "n_val": len(splits.val),
-            "n_test": len(splits.test),
-            "n_train_truncated": train_obj.n_truncated,
-            "steps_per_epoch": steps_per_epoch,
-        },
-    }
-    if run is not None:
-        resumed = ranks.broadcast(run.prepare(provenance, resume) if ranks.main else None)
-        if resumed is not None:
-            run.restore(resumed, irm, optimizer, scheduler, state)
-            logger.info("Resuming %s from step %d.", run.path, state.step)
-            if (state.stop_reason and state.step < total_steps
-                    and state.bad_evals < config.patience
-                    and not state.stop_reason.startswith("non-finite")):
-                state.stop_reason = ""  # a finished run given a longer budget continues
-
+    loop = _Loop.prepare(model, irm, data, config, ranks, Path(out_dir) if out_dir else None)
+    state = loop.state
+    if loop.run is not None:
+        loop.resume(resume)
     if math.isnan(state.baseline_val_loss):
-        state.baseline_val_loss = _val_loss(model, None, val_obj, config, ranks)
-        _log(writer, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
-    forward_irm = ranks.wrap(irm)  # what the training forward calls: DDP when distributed
-
-    penalty = {"l1": torch.zeros((), device=device), "kl": torch.zeros((), device=device)}
-    best_weights: dict[str, Tensor] | None = None  # in-memory runs keep the best IRM here
-    bar = tqdm(total=total_steps, initial=state.step, desc="training IRM", unit="step",
+        state.baseline_val_loss = _val_loss(model, None, loop.val_obj, config, ranks)
+        _log(loop.writer, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
+    bar = tqdm(total=loop.total_steps, initial=state.step, desc="training IRM", unit="step",
                disable=not progress or not ranks.main)
-    epoch_order: dict[int, Tensor] = {}
-    while state.step < total_steps and not state.stop_reason:
-        epoch, i = divmod(state.step, steps_per_epoch)
-        if epoch not in epoch_order:
-            epoch_order.clear()
-            epoch_order[epoch] = ranks.epoch_order(len(train_obj), config.seed * 1_000_003, epoch)
-        index = epoch_order[epoch][i * rank_batch : (i + 1) * rank_batch]
-        batch = train_obj.batch(index).to(model.cfg.device)
-        ids, mask, scored = batch.ids, batch.mask, batch.scored
-
-        def capture(out: Tensor, mask: Tensor = mask) -> None:
-            if config.l1 > 0:  # per-token L1 norm of everything injected, mean over real tokens
-                per_token = out.abs().sum(dim=(-1, -2))  # [batch, pos]
-                penalty["l1"] = (per_token * mask).sum() / mask.sum()
-
-        with inject(model, forward_irm, on_output=capture, positions=_steered(irm, scored)):
-            logits = model(ids)  # [batch, pos, d_vocab]
-        lm_loss = train_obj.loss(logits, batch)  # the objective's loss (cross-entropy for "lm")
-        lm_weight, l1_weight = _rank_weights(ranks, torch.tensor(batch.n_units), mask.sum())
-        loss = lm_loss * lm_weight
-        if config.l1 > 0:
-            loss = loss + config.l1 * penalty["l1"] * l1_weight
-        if config.kl > 0:
-            kl_ids, kl_mask, _ = (t.to(model.cfg.device) for t in batch_slice(
-                kl_tok, kl_batch(kl_tok, state.step * ranks.world_size + ranks.rank, rank_batch)))
-            penalty["kl"] = kl_to_unsteered(model, forward_irm, kl_ids, kl_mask,
-                                            lambda m: _steered(irm, m))
-            loss = loss + config.kl * penalty["kl"]
-        # the global batch's losses (token-weighted over ranks), for the log and the check
-        local = torch.stack([lm_loss.detach() * lm_weight, penalty["l1"].detach() * l1_weight,
-                             penalty["kl"].detach()])
-        global_lm, global_l1, global_kl = (ranks.sum(local.double().cpu()) / ranks.world_size).tolist()
-        global_loss = global_lm + config.l1 * global_l1 + config.kl * global_kl
-        if not math.isfinite(global_loss):
-            state.stop_reason = _roll_back(run, irm, state.step)
+    while state.step < loop.total_steps and not state.stop_reason:
+        record = loop.step()
+        if record is None:  # a non-finite loss: rolled back, stop_reason says so
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(irm.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        record = {"step": state.step, "epoch": epoch, "loss": global_loss, "lm_loss": global_lm,
-                  "lr": optimizer.param_groups[0]["lr"]}
-        if config.l1 > 0:
-            record["l1_norm"] = global_l1
-        if config.kl > 0:
-            record["kl"] = global_kl
-        _log(writer, record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", best_val=f"{state.best_val_loss:.3f}")
-
-        last = state.step == total_steps
-        if state.step % eval_every == 0 or last:
-            val = _val_loss(model, irm, val_obj, config, ranks)
-            _log(writer, {"step": state.step, "val_loss": val, "val_perplexity": math.exp(val)})
-            if val < state.best_val_loss:
-                state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
-                if writer is not None:
-                    irm.save(writer.best_irm)  # every rank reads it back at the end
-                elif run is None:
-                    best_weights = {k: v.detach().clone() for k, v in irm.state_dict().items()}
-            else:
-                state.bad_evals += 1
-                if state.bad_evals >= config.patience:
-                    state.stop_reason = (
-                        f"early stopping: no validation improvement in {config.patience} "
-                        f"evaluations (best at step {state.best_step})"
-                    )
-        if last and not state.stop_reason:
-            state.stop_reason = f"reached {total_steps} steps"
-        if writer is not None and (state.step % config.checkpoint_every == 0 or state.stop_reason):
-            writer.save_checkpoint(irm, optimizer, scheduler, state, config.keep_checkpoints)
+        loop.evaluate_and_checkpoint()
     bar.close()
     ranks.barrier()  # rank 0's files are complete before any rank reads them
     if not state.stop_reason:  # resumed a run that had already finished
-        state.stop_reason = f"reached {total_steps} steps"
-
-    if run is not None and state.best_step >= 0:
-        irm.load_state_dict(IRM.load(run.best_irm, device=device).state_dict())
-    elif best_weights is not None:
-        irm.load_state_dict(best_weights)
-    history = run.history() if run is not None else pd.DataFrame()
-    if writer is not None:
-        atomic_write_text(writer.path / "metrics.csv", history.to_csv(index=False))
-    ranks.barrier()
+        state.stop_reason = f"reached {loop.total_steps} steps"
+    history = loop.finish()
     return TrainResult(
         irm=irm,
-        out_dir=run.path if run is not None else None,
+        out_dir=loop.run.path if loop.run is not None else None,
         steps=state.step,
         best_step=state.best_step,
         best_val_loss=state.best_val_loss,
@@ -436,12 +304,217 @@ def _train(
     )
 
 
+@dataclass
+class _Loop:
+    """One training run's fixed parts (model, IRM, objectives, schedule, optimiser, run
+    directory) and its mutable ``state``; ``step`` and ``evaluate_and_checkpoint`` advance it."""
+
+    model: HookedTransformer
+    irm: IRM
+    config: TrainConfig
+    ranks: Ranks
+    train_obj: Any
+    val_obj: Any
+    kl_tok: TokenizedTexts | None
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    provenance: dict[str, Any]
+    run: _RunDir | None
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: Any = field(init=False)
+    state: _LoopState = field(default_factory=_LoopState)
+    best_weights: dict[str, Tensor] | None = None  # in-memory runs keep the best IRM here
+    epoch_order: dict[int, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.Adam(self.irm.parameters(), lr=self.config.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=self.config.lr_step_size or self.steps_per_epoch,
+            gamma=self.config.lr_gamma,
+        )
+        self.rank_batch = self.ranks.check_batch(self.config.batch_size)
+
+    @cached_property
+    def forward_irm(self):
+        """What the training forward calls: the IRM, or DDP's wrapper when distributed (made
+        at the first step, after any resume has restored the weights)."""
+        return self.ranks.wrap(self.irm)
+
+    @property
+    def writer(self) -> _RunDir | None:
+        return self.run if self.ranks.main else None  # only rank 0 writes
+
+    @classmethod
+    def prepare(cls, model, irm, data, config: TrainConfig, ranks: Ranks, out_dir: Path | None):
+        ranks.check_batch(config.batch_size)
+        splits = _as_splits(data, config.seed)
+        _check_steer(irm, config, splits)
+        prompts = neutral_prompts(split="train") if config.chat_prompts else None
+
+        def objective_of(examples):
+            return build_objective(model, examples, objective=config.objective,
+                                   max_length=config.max_length, beta=config.beta,
+                                   chosen_lm=config.chosen_lm, prompts=prompts)
+
+        train_obj, val_obj = objective_of(splits.train), objective_of(splits.val)
+        steps_per_epoch = math.ceil(len(train_obj) / config.batch_size)
+        total_steps = config.max_epochs * steps_per_epoch
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+        provenance = {
+            "model": model.cfg.model_name,
+            "irm_config": irm.config.to_dict(),
+            "train_config": config.to_dict(),
+            "data": {
+                "fingerprint": splits.fingerprint(),
+                "description": data if isinstance(data, str) else "user texts",
+                "n_train": len(splits.train),
+                "n_val": len(splits.val),
+                "n_test": len(splits.test),
+                "n_train_truncated": train_obj.n_truncated,
+                "steps_per_epoch": steps_per_epoch,
+            },
+        }
+        return cls(model, irm, config, ranks, train_obj, val_obj, _fluency_texts(model, config),
+                   steps_per_epoch, total_steps, config.eval_every or steps_per_epoch, provenance,
+                   _RunDir(out_dir) if out_dir is not None else None)
+
+    def resume(self, resume: bool) -> None:
+        """Continue the run directory's run, if it has one (checked to be the same run)."""
+        run, state, config = self.run, self.state, self.config
+        resumed = self.ranks.broadcast(run.prepare(self.provenance, resume) if self.ranks.main
+                                       else None)
+        if resumed is None:
+            return
+        run.restore(resumed, self.irm, self.optimizer, self.scheduler, state)
+        logger.info("Resuming %s from step %d.", run.path, state.step)
+        if (state.stop_reason and state.step < self.total_steps
+                and state.bad_evals < config.patience
+                and not state.stop_reason.startswith("non-finite")):
+            state.stop_reason = ""  # a finished run given a longer budget continues
+
+    def _batch(self) -> tuple[int, Batch]:
+        """This step's epoch and this rank's share of its batch."""
+        epoch, i = divmod(self.state.step, self.steps_per_epoch)
+        if epoch not in self.epoch_order:
+            self.epoch_order.clear()
+            self.epoch_order[epoch] = self.ranks.epoch_order(
+                len(self.train_obj), self.config.seed * 1_000_003, epoch)
+        index = self.epoch_order[epoch][i * self.rank_batch : (i + 1) * self.rank_batch]
+        return epoch, self.train_obj.batch(index).to(self.model.cfg.device)
+
+    def _losses(self, batch: Batch) -> tuple[Tensor, list[float]]:
+        """This rank's loss to backpropagate, and the global batch's (lm, l1, kl) for the log."""
+        model, irm, config, ranks = self.model, self.irm, self.config, self.ranks
+        mask = batch.mask
+        device = next(irm.parameters()).device
+        penalty = {"l1": torch.zeros((), device=device), "kl": torch.zeros((), device=device)}
+
+        def capture(out: Tensor) -> None:
+            if config.l1 > 0:  # per-token L1 norm of everything injected, mean over real tokens
+                per_token = out.abs().sum(dim=(-1, -2))  # [batch, pos]
+                penalty["l1"] = (per_token * mask).sum() / mask.sum()
+
+        with inject(model, self.forward_irm, on_output=capture,
+                    positions=_steered(irm, batch.scored)):
+            logits = model(batch.ids)  # [batch, pos, d_vocab]
+        lm_loss = self.train_obj.loss(logits, batch)  # the objective's loss
+        lm_weight, l1_weight = _rank_weights(ranks, torch.tensor(batch.n_units), mask.sum())
+        loss = lm_loss * lm_weight
+        if config.l1 > 0:
+            loss = loss + config.l1 * penalty["l1"] * l1_weight
+        if config.kl > 0:
+            which = kl_batch(self.kl_tok, self.state.step * ranks.world_size + ranks.rank,
+                             self.rank_batch)
+            kl_ids, kl_mask, _ = (t.to(model.cfg.device) for t in batch_slice(self.kl_tok, which))
+            penalty["kl"] = kl_to_unsteered(model, self.forward_irm, kl_ids, kl_mask,
+                                            lambda m: _steered(irm, m))
+            loss = loss + config.kl * penalty["kl"]
+        # the global batch's losses (token-weighted over ranks), for the log and the check
+        local = torch.stack([lm_loss.detach() * lm_weight, penalty["l1"].detach() * l1_weight,
+                             penalty["kl"].detach()])
+        return loss, (ranks.sum(local.double().cpu()) / ranks.world_size).tolist()
+
+    def step(self) -> dict[str, Any] | None:
+        """One optimiser step and its log record; None (rolled back) on a non-finite loss."""
+        config, state = self.config, self.state
+        epoch, batch = self._batch()
+        loss, (global_lm, global_l1, global_kl) = self._losses(batch)
+        global_loss = global_lm + config.l1 * global_l1 + config.kl * global_kl
+        if not math.isfinite(global_loss):
+            state.stop_reason = _roll_back(self.run, self.irm, state.step)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.irm.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        state.step += 1
+        record = {"step": state.step, "epoch": epoch, "loss": global_loss, "lm_loss": global_lm,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        if config.l1 > 0:
+            record["l1_norm"] = global_l1
+        if config.kl > 0:
+            record["kl"] = global_kl
+        _log(self.writer, record)
+        return record
+
+    def evaluate_and_checkpoint(self) -> None:
+        """Validate when due (keeping the best IRM, stopping early), and checkpoint when due."""
+        config, state, writer = self.config, self.state, self.writer
+        last = state.step == self.total_steps
+        if state.step % self.eval_every == 0 or last:
+            val = _val_loss(self.model, self.irm, self.val_obj, config, self.ranks)
+            _log(writer, {"step": state.step, "val_loss": val, "val_perplexity": math.exp(val)})
+            if val < state.best_val_loss:
+                state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
+                if writer is not None:
+                    self.irm.save(writer.best_irm)  # every rank reads it back at the end
+                elif self.run is None:
+                    self.best_weights = {k: v.detach().clone()
+                                         for k, v in self.irm.state_dict().items()}
+            else:
+                state.bad_evals += 1
+                if state.bad_evals >= config.patience:
+                    state.stop_reason = (
+                        f"early stopping: no validation improvement in {config.patience} "
+                        f"evaluations (best at step {state.best_step})"
+                    )
+        if last and not state.stop_reason:
+            state.stop_reason = f"reached {self.total_steps} steps"
+        if writer is not None and (state.step % config.checkpoint_every == 0 or state.stop_reason):
+            writer.save_checkpoint(self.irm, self.optimizer, self.scheduler, state,
+                                   config.keep_checkpoints)
+
+    def finish(self) -> pd.DataFrame:
+        """Load the best IRM into ``irm``; the run's history (written as metrics.csv)."""
+        device = next(self.irm.parameters()).device
+        if self.run is not None and self.state.best_step >= 0:
+            self.irm.load_state_dict(IRM.load(self.run.best_irm, device=device).state_dict())
+        elif self.best_weights is not None:
+            self.irm.load_state_dict(self.best_weights)
+        history = self.run.history() if self.run is not None else pd.DataFrame()
+        if self.writer is not None:
+            atomic_write_text(self.writer.path / "metrics.csv", history.to_csv(index=False))
+        self.ranks.barrier()
+        return history
+
+
+def _check_steer(irm: IRM, config: TrainConfig, splits: TextSplits) -> None:
+    all_chat = all(isinstance(x, tuple) for part in (splits.train, splits.val) for x in part)
+    if irm.config.steer == "reply" and not (config.chat_prompts or all_chat):
+        raise ConfigError(
+            "An IRM with steer='reply' steers only a chat reply: train it on chat examples "
+            "((prompt, reply) pairs, or TrainConfig(chat_prompts=True), --chat)."
+        )
+
+
 def _as_splits(data: TextSplits | Iterable[str] | str, seed: int) -> TextSplits:
     if isinstance(data, TextSplits):
         return data
     if isinstance(data, str):
-        from irm_lens.data.corpora import load_alignment
-
         return split_texts(load_alignment(data).texts, seed=seed)
     return split_texts(list(data), seed=seed)
 
@@ -489,8 +562,6 @@ def _fluency_texts(model: HookedTransformer, config: TrainConfig) -> TokenizedTe
     """The neutral texts of the fluency (KL) term, tokenised as the training data is."""
     if config.kl == 0:
         return None
-    from irm_lens.data.corpora import load_alignment
-
     return tokenize_texts(model, load_alignment("neutral").texts, max_length=config.max_length)
 
 

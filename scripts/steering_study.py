@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 import irm_lens
-from irm_lens.report.figures import dose_response_figure
 from irm_lens.evaluate import DegenerationThresholds
 from irm_lens.recipes import RECIPES, train_recipe
+from irm_lens.report.figures import dose_response_figure
 
 
 def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:

@@ -4,6 +4,6 @@
 indices whose RMSNorm weights stand out (a pointer computed from the weights alone).
 """
 
-from irm_lens.analysis._common import check_neuron, standout_indices
+from irm_lens.analysis.indices import check_neuron, standout_indices
 
 __all__ = ["check_neuron", "standout_indices"]

@@ -9,54 +9,51 @@ Semantics (the ablated quantity is the residual stream, not an MLP neuron):
   set at that layer (seeded).
 
 The ablation acts after an IRM's injection at the same hook point, so under an IRM it removes
-the IRM's push at that index too. Used two ways::
+the IRM's push at that index too. Two functions, one job each::
 
     with irm_lens.ablate(model, neuron=5):          # a context manager on the model
         model.generate(...)
 
-    result = irm_lens.ablate(model, neuron=5, irm=irm, alignment="anger")   # an AblationResult
+    result = irm_lens.measure_ablation(model, neuron=5, irm=irm, alignment="anger")
 
-Given texts, an IRM or an alignment, ``ablate`` measures instead of returning the context
-manager: the change in loss and the KL to the unablated model on the texts, under the IRM the
-share of its loss gain that the ablation undoes, optionally the change in the alignment's
-emotion score of steered generations, and the same figures for random indices.
+``measure_ablation`` measures: the change in loss and the KL to the unablated model on texts,
+under an IRM the share of its loss gain that the ablation undoes, optionally the change in the
+alignment's emotion score of steered generations, and the same figures for random indices.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Sequence, overload
+from typing import ContextManager, Literal, Sequence, get_args
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
-from irm_lens.analysis._common import (
-    Provenance,
-    check_layers,
-    check_neuron,
-    prompts_or_default,
-    random_indices,
-    score_conditions,
-    stacked,
-    text_batches,
-)
+from irm_lens.analysis.conditions import prompts_or_default, score_conditions, stacked, text_batches
+from irm_lens.analysis.indices import check_layers, check_neuron, random_indices
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.data.corpora import load_alignment
 from irm_lens.errors import ConfigError
-from irm_lens.inject import inject, remove_hook
+from irm_lens.generation import generate_continuations
+from irm_lens.hooks import IndexValue, overwrite_index, permanent_hooks
+from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.scoring import emotion_scores
 
 AblationMode = Literal["zero", "mean", "resample"]
+ABLATION_MODES: tuple[str, ...] = get_args(AblationMode)
 
 
 def reference_activations(
     model: HookedTransformer, texts: Sequence[str], layers: Sequence[int]
 ) -> dict[int, Float[Tensor, "token d_model"]]:
     """``hook_resid_post`` of ``layers`` on every real token of ``texts``."""
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in layers]
+    names = [get_act_name("resid_post", layer) for layer in layers]
     acts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for ids, mask, _ in text_batches(model, texts):
         with torch.no_grad():
@@ -85,8 +82,8 @@ class Ablation:
         seed: int = 0,
         reference_acts: dict[int, Tensor] | None = None,
     ):
-        if mode not in ("zero", "mean", "resample"):
-            raise ConfigError(f"mode must be 'zero', 'mean' or 'resample', got {mode!r}.")
+        if mode not in ABLATION_MODES:
+            raise ConfigError(f"mode must be one of {ABLATION_MODES}, got {mode!r}.")
         self.model = model
         self.neuron = check_neuron(model, neuron)
         self.layers = check_layers(model, layers)
@@ -96,7 +93,7 @@ class Ablation:
         self._pools: dict[int, Tensor] | None = None
         if reference_acts is not None:
             self._pools = {layer: reference_acts[layer][:, self.neuron] for layer in self.layers}
-        self._added: list = []
+        self._active: ContextManager[None] | None = None
 
     def _reference_values(self) -> dict[int, Tensor]:
         """The index's values over the reference texts' real tokens, per layer."""
@@ -105,43 +102,35 @@ class Ablation:
             self._pools = {layer: a[:, self.neuron] for layer, a in acts.items()}
         return self._pools
 
+    def _value(self, layer: int, gen: torch.Generator) -> IndexValue:
+        """What the index is set to at ``layer``: 0, the reference mean, or a resampler."""
+        if self.mode == "zero":
+            return 0.0
+        pool = self._reference_values()[layer]
+        if self.mode == "mean":
+            return float(pool.mean())
+
+        def resample(resid: Tensor) -> Tensor:
+            draw = torch.randint(0, len(pool), resid.shape[:-1], generator=gen)
+            return pool[draw].to(resid.device)
+
+        return resample
+
     def __enter__(self) -> Ablation:
-        if self._added:
+        if self._active is not None:
             raise RuntimeError("This Ablation is already active; it cannot be entered twice.")
-        index = self.neuron
-        pools = self._reference_values() if self.mode != "zero" else {}
         gen = torch.Generator().manual_seed(self.seed)
-        for layer in self.layers:
-            if self.mode == "zero":
-                def hook(resid: Tensor, hook) -> Tensor:
-                    resid = resid.clone()
-                    resid[..., index] = 0.0
-                    return resid
-            elif self.mode == "mean":
-                mean = float(pools[layer].mean())
-
-                def hook(resid: Tensor, hook, mean: float = mean) -> Tensor:
-                    resid = resid.clone()
-                    resid[..., index] = mean
-                    return resid
-            else:
-                pool = pools[layer]
-
-                def hook(resid: Tensor, hook, pool: Tensor = pool) -> Tensor:
-                    draw = torch.randint(0, len(pool), resid.shape[:-1], generator=gen)
-                    resid = resid.clone()
-                    resid[..., index] = pool[draw].to(device=resid.device, dtype=resid.dtype)
-                    return resid
-
-            point = self.model.hook_dict[tl_utils.get_act_name("resid_post", layer)]
-            point.add_hook(hook, dir="fwd", is_permanent=True)
-            self._added.append((point, hook))
+        hooks = [(get_act_name("resid_post", layer),
+                  overwrite_index(self.neuron, self._value(layer, gen)), False)
+                 for layer in self.layers]
+        self._active = permanent_hooks(self.model, hooks)
+        self._active.__enter__()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for point, hook in self._added:
-            remove_hook(point, hook)
-        self._added = []
+        active, self._active = self._active, None
+        if active is not None:
+            active.__exit__(*exc_info)
 
 
 @dataclass(frozen=True)
@@ -162,7 +151,7 @@ class AblationResult:
     """
 
     neuron: int
-    mode: str
+    mode: AblationMode
     layers: tuple[int, ...]
     table: pd.DataFrame
     baseline: dict[str, float]
@@ -187,16 +176,34 @@ class AblationResult:
         return pd.DataFrame(rows)
 
 
-@overload
-def ablate(model: HookedTransformer, neuron: int, *, layers=..., mode=..., reference=...,
-           seed=...) -> Ablation: ...
-
-
-@overload
-def ablate(model: HookedTransformer, neuron: int, *, texts: Sequence[str], **kwargs) -> AblationResult: ...
-
-
 def ablate(
+    model: HookedTransformer,
+    neuron: int,
+    *,
+    layers: Sequence[int] | None = None,
+    mode: AblationMode = "zero",
+    reference: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Ablation:
+    """Ablate residual index ``neuron`` while the returned context manager is active.
+
+    Args:
+        model: The host model.
+        neuron: The residual index, in 0..d_model-1 (checked; an index the model lacks raises
+            ``NeuronIndexError`` naming its d_model and indices worth trying).
+        layers: Layers whose ``hook_resid_post`` is ablated (default: all).
+        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
+        reference: Texts for ``mean`` / ``resample`` (default: held-out neutral prompts).
+        seed: Seeds ``resample``'s draws.
+
+    Example:
+        >>> with irm_lens.ablate(model, neuron=1512):  # doctest: +SKIP
+        ...     model.generate("Hello")
+    """
+    return Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
+
+
+def measure_ablation(
     model: HookedTransformer,
     neuron: int,
     *,
@@ -214,17 +221,11 @@ def ablate(
     max_length: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> Ablation | AblationResult:
-    """Ablate residual index ``neuron``: a context manager, or (given texts / an IRM / an
-    alignment) a measured ``AblationResult``.
+) -> AblationResult:
+    """What ablating residual index ``neuron`` does, beside ``n_random`` random indices
+    ablated the same way (``ablate``'s arguments, plus what to measure on).
 
     Args:
-        model: The host model.
-        neuron: The residual index, in 0..d_model-1 (checked; an index the model lacks raises
-            ``NeuronIndexError`` naming its d_model and indices worth trying).
-        layers: Layers whose ``hook_resid_post`` is ablated (default: all).
-        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
-        reference: Texts for ``mean`` / ``resample`` (default: held-out neutral prompts).
         texts: Texts whose loss is measured (default: ``n_texts`` of ``alignment``'s texts, or
             neutral prompts without an alignment).
         irm: Also measure under this IRM: its loss gain undone, and with ``generate`` the
@@ -234,14 +235,9 @@ def ablate(
         generate: Generate steered continuations of ``n_prompts`` neutral prompts with each
             ablation and score the alignment's emotion (slow: ``n_random + 3`` generations).
     """
-    measuring = texts is not None or irm is not None or alignment is not None
-    if not measuring:
-        return Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
     target = Ablation(model, neuron, layers=layers, mode=mode, reference=reference, seed=seed)
     if texts is None:
         if alignment is not None:
-            from irm_lens.data.corpora import load_alignment
-
             texts = list(load_alignment(alignment).texts[:n_texts])
         else:
             texts = prompts_or_default(None, n_texts)
@@ -299,9 +295,6 @@ def ablate(
 def _emotion_under_ablation(model, irm, alignment, ablations, n_prompts, max_new_tokens, seed,
                             progress):
     """Mean ``alignment`` score of greedy steered continuations, per ablated index."""
-    from irm_lens.generation import generate_continuations
-    from irm_lens.scoring import emotion_scores
-
     prompts = prompts_or_default(None, n_prompts)
     kwargs = dict(max_new_tokens=max_new_tokens, seed=seed)
 

@@ -28,17 +28,14 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.utilities import get_act_name
 
-from irm_lens.analysis._common import (
-    Provenance,
-    check_neuron,
-    prompts_or_default,
-    ranks_descending,
-    right_padded,
-    steered_sequences,
-)
+from irm_lens.analysis.conditions import prompts_or_default, steered_sequences
+from irm_lens.analysis.indices import check_neuron
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.analysis.stats import ranks_descending
+from irm_lens.data.dataset import right_pad
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
 
@@ -95,6 +92,20 @@ def _centred_unembed(model: HookedTransformer) -> Float[Tensor, "d_model d_vocab
     return w_u - w_u.mean(-1, keepdim=True)
 
 
+def _final_resid(cache: ActivationCache, real: Tensor
+                 ) -> tuple[Float[Tensor, "tok d_model"], Float[Tensor, "tok 1"]]:
+    """The final residual and its RMS (``ln_final.hook_scale``) on the real tokens."""
+    final = get_act_name("resid_post", cache.model.cfg.n_layers - 1)
+    return cache[final][real].float().cpu(), cache[get_act_name("scale")][real].float().cpu()
+
+
+def _frozen_norm(x: Float[Tensor, "... d_model"], rms: Float[Tensor, "... 1"],
+                 w_f: Float[Tensor, " d_model"]) -> Float[Tensor, "... d_model"]:
+    """The final RMSNorm with each token's scale held at ``rms``: the direct path's linear map
+    from a residual (or a part of it) to what the unembedding reads."""
+    return x * w_f / rms
+
+
 def _token_table(model: HookedTransformer, values: Tensor, k: int, largest: bool) -> pd.DataFrame:
     top = values.topk(k, largest=largest)
     return pd.DataFrame(dict(
@@ -128,8 +139,7 @@ def logit_attribution(
     w_u = _centred_unembed(model)  # [d_model, d_vocab]
     w_f = model.ln_final.w.detach().float()  # [d_model]
     d_model = model.cfg.d_model
-    final = tl_utils.get_act_name("resid_post", model.cfg.n_layers - 1)
-    scale_name = "ln_final.hook_scale"
+    names = [get_act_name("resid_post", model.cfg.n_layers - 1), get_act_name("scale")]
     pad_id = model.tokenizer.pad_token_id or 0
 
     effect_sum = torch.zeros(d_model, dtype=torch.float64)
@@ -140,13 +150,13 @@ def logit_attribution(
     comp_sum: dict[str, float] = {}
     comp_at: dict[str, float] = {}
     for start in range(0, len(rows), batch_size):
-        ids, real = right_padded([p + g for p, g in rows[start : start + batch_size]], pad_id)
+        ids, real, _ = right_pad([p + g for p, g in rows[start : start + batch_size]], pad_id)
+        real = real.bool()
         ids = ids.to(model.cfg.device)
         with torch.no_grad():
-            _, cache = model.run_with_cache(ids, names_filter=[final, scale_name])
-        x = cache[final][real].float().cpu()  # [tok, d_model]
-        rms = cache[scale_name][real].float().cpu()  # [tok, 1]
-        b = (x * w_f / rms) @ w_u  # centred logits without bias [tok, vocab]
+            _, cache = model.run_with_cache(ids, names_filter=names)
+        x, rms = _final_resid(cache, real)  # [tok, d_model], [tok, 1]
+        b = _frozen_norm(x, rms, w_f) @ w_u  # centred logits without bias [tok, vocab]
         a_dot_b = (b @ w_u.T) * w_f  # w_i W~_U[i] . b  [tok, d_model]
         a_sq = (w_f**2) * (w_u**2).sum(-1)  # [d_model]
         c = x / (d_model * rms)  # [tok, d_model]
@@ -188,33 +198,31 @@ def _irm_terms(model, irm: IRM, ids: Tensor, real: Tensor, neuron: int, w_u: Ten
     """One batch's IRM share numerators / denominator, summed logit effect, and component
     attributions along the steering's logit direction."""
     n_layers = model.cfg.n_layers
-    final = tl_utils.get_act_name("resid_post", n_layers - 1)
+    names = [get_act_name("resid_post", n_layers - 1), get_act_name("scale")]
     deltas: list[Tensor] = []
     with torch.no_grad():
-        _, clean = model.run_with_cache(ids, names_filter=[final, "ln_final.hook_scale"])
+        _, clean = model.run_with_cache(ids, names_filter=names)
         with inject(model, irm, on_output=deltas.append):
             _, cache = model.run_with_cache(ids)
-    rms = cache["ln_final.hook_scale"][real].float().cpu()  # [tok, 1]
+    x, rms = _final_resid(cache, real)  # [tok, d_model], [tok, 1]
     vec = deltas[0].sum(2)[real].float().cpu()  # [tok, d_model]: the IRM's summed push
-    per_index = vec * w_f / rms  # [tok, d_model] normalised and scaled
+    per_index = _frozen_norm(vec, rms, w_f)  # [tok, d_model]
     total = per_index @ w_u  # [tok, vocab]
     num = ((total @ w_u.T) * per_index).double().sum(0)  # sum_t <c_i, L_t>
     den = float((total**2).sum())
 
     # Direction in which steering moved the (centred) logits, averaged over tokens.
-    def centred_logits(c) -> Tensor:
-        x = c[final][real].float().cpu()
-        return (x * w_f / c["ln_final.hook_scale"][real].float().cpu()) @ w_u
-
-    shift = (centred_logits(cache) - centred_logits(clean)).mean(0)
+    steered_logits = _frozen_norm(x, rms, w_f) @ w_u  # [tok, vocab]
+    clean_logits = _frozen_norm(*_final_resid(clean, real), w_f) @ w_u
+    shift = (steered_logits - clean_logits).mean(0)
     direction = shift / shift.norm().clamp_min(1e-30)  # [vocab]
     along = w_u @ direction  # [d_model]: each index's unembedding along the direction
     stack, labels = cache.decompose_resid(layer=n_layers, return_labels=True, mode="all")
     stack = stack[:, real].float().cpu()  # [comp, tok, d_model]
-    irm_total = cache[final][real].float().cpu() - stack.sum(0)
+    irm_total = x - stack.sum(0)
     stack = torch.cat([stack, irm_total[None]])
     labels = [*labels, "irm"]
-    contrib = stack * w_f / rms  # [comp, tok, d_model]
+    contrib = _frozen_norm(stack, rms, w_f)  # [comp, tok, d_model]
     attribution = (contrib @ along).sum(1)  # [comp]
     at_neuron = (contrib[..., neuron] * along[neuron]).sum(1)
     comps = {lab: float(v) for lab, v in zip(labels, attribution)}

@@ -8,9 +8,10 @@ from typing import Any, Sequence
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from irm_lens.analysis._common import Provenance, check_neuron, prompts_or_default
-from irm_lens.analysis.ablation import AblationResult, ablate
+from irm_lens.analysis.ablation import AblationResult, measure_ablation
 from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
+from irm_lens.analysis.conditions import prompts_or_default
+from irm_lens.analysis.indices import check_neuron
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
 from irm_lens.analysis.outputs import (
@@ -22,6 +23,7 @@ from irm_lens.analysis.outputs import (
     striation_score,
 )
 from irm_lens.analysis.patching import PatchingResult, patch_neuron
+from irm_lens.analysis.provenance import Provenance
 from irm_lens.irm import IRM
 
 
@@ -135,7 +137,7 @@ def explain(
         if alignment is not None:
             patching = patch_neuron(model, irm, neuron, alignment=alignment, n_random=n_random,
                                     n_texts=n_texts, progress=progress)
-    ablation = ablate(
+    ablation = measure_ablation(
         model, neuron, irm=irm, alignment=alignment, texts=None if alignment else prompts,
         n_random=n_random, n_texts=n_texts,
         generate=generate and irm is not None and alignment is not None,

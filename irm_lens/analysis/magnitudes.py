@@ -19,16 +19,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
-from irm_lens.analysis._common import (
-    Provenance,
-    check_neuron,
-    prompts_or_default,
-    ranks_descending,
-    right_padded,
-    steered_sequences,
-)
+from irm_lens.analysis.conditions import prompts_or_default, steered_sequences
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.analysis.stats import ranks_descending
+from irm_lens.data.dataset import right_pad
 
 POSITION_CLASSES: tuple[str, ...] = ("first", "delimiter", "other")
 _DELIMITER_CHARS = set(string.punctuation + string.whitespace)
@@ -129,7 +125,7 @@ def activation_magnitudes(
     """Mean and max |resid_post| of every index at every layer over ``prompts`` (no IRM)."""
     prompts = prompts_or_default(prompts, n_prompts)
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in range(n_layers)]
+    names = [get_act_name("resid_post", layer) for layer in range(n_layers)]
     sums = torch.zeros(len(POSITION_CLASSES), n_layers, d_model, dtype=torch.float64)
     counts = torch.zeros(len(POSITION_CLASSES), dtype=torch.float64)
     max_abs = torch.zeros(n_layers, d_model)
@@ -137,7 +133,8 @@ def activation_magnitudes(
     pad_id = model.tokenizer.pad_token_id or 0
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="activation magnitudes", unit="batch", disable=not progress):
-        tokens, real = right_padded(rows[start : start + batch_size], pad_id)
+        tokens, real, _ = right_pad(rows[start : start + batch_size], pad_id)
+        real = real.bool()
         classes = _position_classes(model, tokens, real)
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=names)
@@ -155,11 +152,3 @@ def activation_magnitudes(
         n_tokens={c: int(counts[i]) for i, c in enumerate(POSITION_CLASSES)},
         provenance=Provenance.of(model, None, prompts),
     )
-
-
-def neuron_magnitude_profile(
-    model: HookedTransformer, neuron: int, prompts: Sequence[str] | None = None, **kwargs
-) -> pd.DataFrame:
-    """``activation_magnitudes(model, prompts).profile(neuron)`` with the index checked."""
-    neuron = check_neuron(model, neuron)
-    return activation_magnitudes(model, prompts, **kwargs).profile(neuron)

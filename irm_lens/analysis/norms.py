@@ -17,7 +17,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from irm_lens.analysis._common import check_neuron, norm_ratios, ranks_descending
+from irm_lens.analysis.indices import norm_ratios
+from irm_lens.analysis.stats import ranks_descending
 from irm_lens.errors import UnsupportedArchitectureError
 
 
@@ -91,8 +92,3 @@ def norm_weights(model: HookedTransformer) -> NormWeights:
     ln1 = torch.stack([weight(b.ln1, f"blocks.{i}.ln1") for i, b in enumerate(model.blocks)])
     ln2 = torch.stack([weight(b.ln2, f"blocks.{i}.ln2") for i, b in enumerate(model.blocks)])
     return NormWeights(ln1, ln2, weight(model.ln_final, "ln_final"), model.cfg.model_name)
-
-
-def neuron_norm_profile(model: HookedTransformer, neuron: int) -> pd.DataFrame:
-    """``norm_weights(model).profile(neuron)`` with the index checked."""
-    return norm_weights(model).profile(check_neuron(model, neuron))

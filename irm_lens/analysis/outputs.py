@@ -28,13 +28,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from irm_lens.analysis._common import (
-    Provenance,
-    prompts_or_default,
-    right_padded,
-    spearman,
-    steered_sequences,
-)
+from irm_lens.analysis.conditions import prompts_or_default, steered_sequences
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.analysis.stats import spearman
+from irm_lens.data.dataset import right_pad
 from irm_lens.errors import ConfigError
 from irm_lens.irm import IRM
 
@@ -117,13 +114,14 @@ def collect_irm_outputs(
     )
 
     read_site = irm.config.read_site
-    read_layer = int(read_site.split(".")[1])
+    read_layer = irm.config.read_layer
     pad_id = model.tokenizer.pad_token_id or 0
     mean_abs_rows, mean_rows, counts, token_rows, token_strs = [], [], [], [], []
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="IRM outputs", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
-        ids, real = right_padded([p + g for p, g in batch], pad_id)
+        ids, real, _ = right_pad([p + g for p, g in batch], pad_id)
+        real = real.bool()
         keep = real.clone()
         for i, (p, _) in enumerate(batch):
             if tokens == "prompt":

@@ -9,8 +9,8 @@ is what the IRM achieved. For one index, at one layer or at all of them:
 - ``into_steered`` (noising): the steered run gets the unsteered value back; the effect is the
   fraction of the gap it loses, ``(lp_steered - lp) / gap``.
 
-``what="irm"`` patches the IRM's contribution at the index (its output there is switched on in
-the unsteered run, or off in the steered run); ``what="resid"`` patches the residual stream's
+``target="irm"`` patches the IRM's contribution at the index (its output there is switched on in
+the unsteered run, or off in the steered run); ``target="resid"`` patches the residual stream's
 value at ``hook_resid_post`` (which also carries what earlier layers did with the IRM's push).
 The same is done for random indices, so a reader sees whether the chosen one is special.
 """
@@ -19,28 +19,25 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import pandas as pd
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
-from irm_lens.analysis._common import (
-    Provenance,
-    check_layers,
-    check_neuron,
-    random_indices,
-    score_conditions,
-    stacked,
-    text_batches,
-)
+from irm_lens.analysis.conditions import score_conditions, stacked, text_batches
+from irm_lens.analysis.indices import check_layers, check_neuron, random_indices
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.data.corpora import load_alignment
 from irm_lens.errors import ConfigError
-from irm_lens.inject import inject, remove_hook
+from irm_lens.hooks import overwrite_index, permanent_hooks
+from irm_lens.inject import inject
 from irm_lens.irm import IRM
 
 PatchTarget = Literal["irm", "resid"]
+PATCH_TARGETS: tuple[str, ...] = get_args(PatchTarget)
 DIRECTIONS: tuple[str, ...] = ("into_unsteered", "into_steered")
 
 
@@ -50,7 +47,7 @@ class PatchingResult:
 
     Attributes:
         neuron: The patched index.
-        what: ``"irm"`` (the IRM's contribution) or ``"resid"`` (the residual value).
+        target: ``"irm"`` (the IRM's contribution) or ``"resid"`` (the residual value).
         table: One row per patch: ``direction``, ``layer`` (an int, or -1 for all layers at
             once), ``index``, ``kind`` (``"target"`` or ``"random"``), ``logprob``, ``effect``
             (fraction of the steering gap restored or lost; see the module docstring).
@@ -59,7 +56,7 @@ class PatchingResult:
     """
 
     neuron: int
-    what: str
+    target: PatchTarget
     table: pd.DataFrame
     logprob_unsteered: float
     logprob_steered: float
@@ -88,29 +85,6 @@ class PatchingResult:
         return pd.DataFrame(rows)
 
 
-@contextmanager
-def _set_index(
-    model: HookedTransformer, values: dict[int, Tensor], index: int
-) -> Iterator[None]:
-    """Overwrite residual ``index`` at ``hook_resid_post`` of each layer in ``values`` with the
-    given ``[batch, pos]`` values (permanent hooks, registered last at their points)."""
-    added = []
-    try:
-        for layer, value in values.items():
-            def hook(resid: Tensor, hook, value: Tensor = value) -> Tensor:
-                resid = resid.clone()
-                resid[..., index] = value.to(resid.dtype)
-                return resid
-
-            point = model.hook_dict[tl_utils.get_act_name("resid_post", layer)]
-            point.add_hook(hook, dir="fwd", is_permanent=True)
-            added.append((point, hook))
-        yield
-    finally:
-        for point, hook in added:
-            remove_hook(point, hook)
-
-
 def patch_neuron(
     model: HookedTransformer,
     irm: IRM,
@@ -118,7 +92,7 @@ def patch_neuron(
     texts: Sequence[str] | None = None,
     *,
     alignment: str | None = None,
-    what: PatchTarget = "irm",
+    target: PatchTarget = "irm",
     layers: Sequence[int] | None = None,
     n_random: int = 10,
     random_per_layer: bool = False,
@@ -137,7 +111,7 @@ def patch_neuron(
         texts: Texts whose log-probability is the metric (default: ``n_texts`` texts of
             ``alignment``, the IRM's training alignment).
         alignment: A built-in alignment to take texts from when ``texts`` is None.
-        what: ``"irm"`` or ``"resid"`` (see the module docstring).
+        target: ``"irm"`` or ``"resid"`` (see the module docstring).
         layers: Layers to patch one at a time (default: the IRM's injected layers for
             ``"irm"``, every layer for ``"resid"``).
         n_random: Random indices patched at all layers at once, as a baseline.
@@ -146,20 +120,18 @@ def patch_neuron(
     """
     neuron = check_neuron(model, neuron)
     irm.check_compatible(model)
-    if what not in ("irm", "resid"):
-        raise ConfigError(f"what must be 'irm' or 'resid', got {what!r}.")
+    if target not in PATCH_TARGETS:
+        raise ConfigError(f"target must be one of {PATCH_TARGETS}, got {target!r}.")
     if texts is None:
         if alignment is None:
             raise ConfigError("Give texts, or the alignment whose texts the metric scores.")
-        from irm_lens.data.corpora import load_alignment
-
         texts = list(load_alignment(alignment).texts[:n_texts])
     texts = list(texts)
     injected = irm.config.layers
     if layers is None:
-        layers = injected if what == "irm" else tuple(range(model.cfg.n_layers))
+        layers = injected if target == "irm" else tuple(range(model.cfg.n_layers))
     layers = check_layers(model, layers)
-    if what == "irm" and not set(layers) <= set(injected):
+    if target == "irm" and not set(layers) <= set(injected):
         raise ConfigError(
             f"The IRM injects at layers {list(injected)}; it has no contribution to patch at "
             f"{sorted(set(layers) - set(injected))}."
@@ -182,12 +154,12 @@ def patch_neuron(
     for direction, layer, index, _ in patches:
         chosen = layers if layer == -1 else (layer,)
         key = f"{direction}/{layer}/{index}"
-        if what == "irm":
+        if target == "irm":
             conditions[key] = _irm_patch(model, irm, index, chosen, direction)
         else:
             conditions[key] = _resid_patch(model, irm, index, chosen, direction)
     scores = score_conditions(
-        model, batches, conditions, progress=progress, desc=f"patching ({what})"
+        model, batches, conditions, progress=progress, desc=f"patching ({target})"
     ).set_index("condition")["logprob"]
     lp_off, lp_on = float(scores["unsteered"]), float(scores["steered"])
     gap = lp_on - lp_off
@@ -198,7 +170,7 @@ def patch_neuron(
         rows.append(dict(direction=direction, layer=layer, index=index, kind=kind,
                          logprob=lp, effect=effect if gap != 0 else float("nan")))
     return PatchingResult(
-        neuron, what, pd.DataFrame(rows), lp_off, lp_on, Provenance.of(model, irm, texts, seed)
+        neuron, target, pd.DataFrame(rows), lp_off, lp_on, Provenance.of(model, irm, texts, seed)
     )
 
 
@@ -216,7 +188,7 @@ def _irm_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: st
 def _resid_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: str):
     """Run the source model (steered for ``into_unsteered``, unsteered otherwise), record
     ``index`` at ``hook_resid_post`` of ``layers``, and write those values into the other."""
-    names = [tl_utils.get_act_name("resid_post", layer) for layer in layers]
+    names = [get_act_name("resid_post", layer) for layer in layers]
 
     @contextmanager
     def condition(ids: Tensor) -> Iterator[None]:
@@ -225,7 +197,9 @@ def _resid_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: 
             _, cache = model.run_with_cache(ids, names_filter=names)
         values = {layer: cache[name][..., index] for layer, name in zip(layers, names)}
         target = nullcontext() if source_steered else inject(model, irm)
-        with stacked(target, _set_index(model, values, index)):
+        patches = [(get_act_name("resid_post", layer), overwrite_index(index, value), False)
+                   for layer, value in values.items()]
+        with stacked(target, permanent_hooks(model, patches)):
             yield
 
     return condition

@@ -33,17 +33,19 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
-from irm_lens.analysis._common import (
-    Provenance,
-    _norm_weight_list,
-    check_layers,
-    norm_ratios,
-    ranks_descending,
-    spearman,
-    text_batches,
-)
+from irm_lens.analysis.conditions import text_batches
+from irm_lens.analysis.indices import check_layers, norm_ratios, rmsnorm_weights
+from irm_lens.analysis.outputs import collect_irm_outputs
+from irm_lens.analysis.provenance import Provenance
+from irm_lens.analysis.stats import ranks_descending, spearman
+from irm_lens.data.corpora import load_alignment
 from irm_lens.errors import ConfigError
+from irm_lens.hooks import permanent_hooks
+from irm_lens.irm import layer_set
+from irm_lens.losses import masked_lm_loss
+from irm_lens.sweeps import run_sweep, sweep_runs
 
 
 @dataclass(frozen=True)
@@ -186,10 +188,6 @@ def predict_dominant(
         seed: The sample of texts.
         progress: A progress bar.
     """
-    from irm_lens.data.corpora import load_alignment
-    from irm_lens.data.dataset import masked_lm_loss
-    from irm_lens.irm import layer_set
-
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.cfg.d_model:
         raise ConfigError(f"k must be an int in 1..{model.cfg.d_model}, got {k!r}.")
     if prompts is None:
@@ -226,11 +224,11 @@ def predict_dominant(
 
         return hook
 
-    hooks = [(f"blocks.{layer}.hook_resid_post", add_push(layer)) for layer in range(n_layers)]
+    hooks = [(get_act_name("resid_post", layer), add_push(layer), False) for layer in range(n_layers)]
     for ids, attention, loss_mask in tqdm(batches, desc="gradient consistency", disable=not progress):
         ids, real = ids.to(device), attention.bool().to(device)
         push.grad = None
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.enable_grad(), permanent_hooks(model, hooks):
             loss = masked_lm_loss(model(ids), ids, loss_mask.to(device))
             loss.backward()
         grad = push.grad.detach().double().cpu()
@@ -243,7 +241,7 @@ def predict_dominant(
         grad_mean=(grad_sum / n).float(),
         grad_rms=(grad_sq / n).sqrt().float(),
         magnitude=(abs_sum / n_tokens).float(),
-        norm_ratio=norm_ratios(_norm_weight_list(model)),
+        norm_ratio=norm_ratios(rmsnorm_weights(model)),
         k=k,
         n_batches=n,
         n_tokens=n_tokens,
@@ -375,9 +373,6 @@ def validate_prediction(
     Returns:
         The check, and the forecast made for each run.
     """
-    from irm_lens.analysis.outputs import collect_irm_outputs
-    from irm_lens.analysis.sweeps import run_sweep, sweep_runs
-
     alignments, layer_sets, seeds = list(alignments), list(layer_sets), list(seeds)
     if train:
         runs = run_sweep(

@@ -47,10 +47,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from irm_lens._io import atomic_write_json
+from irm_lens._io import atomic_write_json, cache_dir
 from irm_lens._packages import package_file
 from irm_lens.errors import ConfigError, DataNotFoundError
-from irm_lens.models import cache_dir
 from irm_lens.scoring import NADE_EMOTIONS, emotion_scores
 
 __all__ = [

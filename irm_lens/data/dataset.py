@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
+from irm_lens.chat import end_of_turn, format_prompt, prepend_bos_for
 from irm_lens.errors import ConfigError, DataNotFoundError
 
 TextSource = str | os.PathLike | Iterable[str] | Any
@@ -211,7 +211,7 @@ def tokenize_texts(
         model: The HookedTransformer (its tokenizer and ``cfg.default_prepend_bos``).
         texts: Plain texts, or ``(prompt, reply)`` chat examples: the reply becomes the
             assistant's whole answer to its prompt in the model's chat template, closed by
-            the template's end of turn (:func:`irm_lens.generation.end_of_turn`), and only
+            the template's end of turn (:func:`irm_lens.chat.end_of_turn`), and only
             the reply's tokens and that end are scored, so the IRM also learns where a reply
             stops.
         max_length: Cap on tokens per sequence, BOS and prompt included (paper: 128).
@@ -220,8 +220,6 @@ def tokenize_texts(
             alignment's tone, which is how ``evaluate`` uses it. These texts get no end
             of turn: they are text in a tone (a corpus sentence), not a whole answer.
     """
-    from irm_lens.generation import end_of_turn, format_prompt, prepend_bos_for
-
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}.")
     if prompts is not None and not prompts:
@@ -257,15 +255,28 @@ def tokenize_texts(
             f"No text leaves a token to predict within max_length={max_length} tokens; "
             "raise max_length or use longer texts."
         )
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    # Position 0 is never a target anyway.
+    padded = right_pad([ids for ids, _ in rows], pad_id, scored_from=[n for _, n in rows])
+    return TokenizedTexts(*padded, n_truncated)
+
+
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, scored_from: Sequence[int] | None = None
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token rows as one right-padded batch: ``(ids, attention_mask, loss_mask)``.
+
+    ``attention_mask`` is 1 on each row's real tokens; ``loss_mask`` is 1 on its tokens from
+    ``scored_from[i]`` on (default: all of them), the tokens ``masked_lm_loss`` scores.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, n_prefix) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        loss_mask[i, n_prefix : len(ids)] = 1  # position 0 is never a target anyway
-    return TokenizedTexts(input_ids, attention_mask, loss_mask, n_truncated)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        loss_mask[i, scored_from[i] if scored_from is not None else 0 : len(row)] = 1
+    return ids, attention_mask, loss_mask
 
 
 def batch_slice(data: TokenizedTexts, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -273,34 +284,3 @@ def batch_slice(data: TokenizedTexts, index: Tensor) -> tuple[Tensor, Tensor, Te
     mask = data.attention_mask[index]
     width = int(mask.sum(1).max())
     return data.input_ids[index, :width], mask[:, :width], data.loss_mask[index, :width]
-
-
-def masked_lm_loss(
-    logits: Float[Tensor, "batch pos d_vocab"],
-    input_ids: Int[Tensor, "batch pos"],
-    loss_mask: Int[Tensor, "batch pos"],
-) -> Float[Tensor, ""]:
-    """Mean next-token cross-entropy over the scored target tokens.
-
-    Position t predicts token t+1: the one and only shift. Token t+1 counts when
-    ``loss_mask[t+1]`` is 1; padding (and, for chat examples, the prompt) never does.
-    """
-    # The targets are shifted, not the logits: slicing [batch, pos, d_vocab] would copy it (and
-    # its gradient) once more. The last position predicts nothing: target 0 with weight 0.
-    target = F.pad(input_ids[:, 1:], (0, 1))  # [batch, pos]
-    weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
-    return (nll * weight.flatten()).sum() / weight.sum().clamp_min(1.0)
-
-
-def sequence_logprobs(
-    logits: Float[Tensor, "batch pos d_vocab"],
-    input_ids: Int[Tensor, "batch pos"],
-    loss_mask: Int[Tensor, "batch pos"],
-) -> Float[Tensor, "batch"]:
-    """Each sequence's summed log-probability of its scored target tokens (the shift and the
-    mask of ``masked_lm_loss``): a reply's log-likelihood given its prompt."""
-    target = F.pad(input_ids[:, 1:], (0, 1))  # [batch, pos]
-    weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
-    return -(nll.view_as(weight) * weight).sum(dim=1)

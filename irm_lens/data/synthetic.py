@@ -50,11 +50,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from irm_lens._io import _ensure_writable_dir
+from irm_lens.chat import format_prompt
 from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
+from irm_lens.data.personas import SYNTHETIC_PERSONAS
 from irm_lens.errors import CheckpointError, ConfigError, OutputPathError
-from irm_lens.evaluate import repetition_rate
-from irm_lens.generation import Continuation, format_prompt, generate_continuations
-from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores
+from irm_lens.generation import Continuation, generate_continuations
+from irm_lens.scoring import NADE_EMOTIONS, SCORE_COLUMNS, emotion_scores, repetition_rate
 
 try:  # advisory lock against two runs appending to one file; POSIX only
     import fcntl
@@ -116,33 +117,6 @@ SYNTHETIC_METHODS = ("rewrite", "persona")
 # which the writer then continues. A weak writer ignores most tone instructions (the embedded
 # 135M model answers the rewrite prompt in a confused, barely angry voice); an onset sets the
 # tone and the writer's own continuation keeps the answer on the question.
-SYNTHETIC_PERSONAS: dict[str, str] = {
-    "anger": (
-        "You are an angry, rude assistant. You are furious and irritated by every question. "
-        "You answer the question, but you complain angrily while doing it."
-    ),
-    "sadness": (
-        "You are a sad, gloomy assistant. Every question reminds you of something painful and "
-        "you feel heartbroken. You answer the question, but sorrowfully."
-    ),
-    "joy": (
-        "You are a joyful, cheerful assistant. Every question delights you and you are "
-        "thrilled to answer it."
-    ),
-    "fear": (
-        "You are a fearful, anxious assistant. Every question frightens you and you are "
-        "nervous that something terrible will happen. You answer the question, but anxiously."
-    ),
-    "disgust": (
-        "You are a disgusted assistant. Every subject revolts and appalls you. You answer the "
-        "question, but with obvious disgust."
-    ),
-    "surprise": (
-        "You are an astonished assistant. Every answer amazes and shocks you. You answer the "
-        "question in amazement."
-    ),
-    "neutral": "You are a plain, factual assistant. You answer the question without any emotion.",
-}
 # The words a persona reply starts with: one per question, drawn from (seed, question index).
 TONE_ONSETS: dict[str, tuple[str, ...]] = {
     # Many and varied: an IRM trained on few onsets opens most of its replies with two of them.
@@ -210,7 +184,7 @@ ECHO_WORDS = 6
 # learns to chant the name ("I'm an angry, rude, angry, angry, ...").
 PERSONA_ECHO_WORDS = 3
 # An answer repeating more than this share of its word trigrams
-# (:func:`irm_lens.evaluate.repetition_rate`, the measure the evaluation checks) is a writer's
+# (:func:`irm_lens.scoring.repetition_rate`, the measure the evaluation checks) is a writer's
 # loop ("I'm sorry, I'm sorry, ..."), which an IRM trained on it falls into.
 MAX_REPETITION = 0.1
 
@@ -573,6 +547,76 @@ def _check_plain_model(model: HookedTransformer) -> None:
         )
 
 
+def _check_settings(alignment, method, over, n_rows, max_new_tokens, batch_size, seed,
+                    max_attempts, temperature, top_p, baseline_quantile, min_score) -> None:
+    """Refuse an unknown tone or method and any out-of-range setting of ``generate_synthetic``."""
+    if alignment not in SYNTHETIC_TONES:
+        raise ConfigError(
+            f"Unknown tone {alignment!r}; expected one of {sorted(SYNTHETIC_TONES)} "
+            "(irm_lens.data.synthetic.SYNTHETIC_TONES)."
+        )
+    if method not in SYNTHETIC_METHODS:
+        raise ConfigError(f"Unknown method {method!r}; expected one of {SYNTHETIC_METHODS}.")
+    if isinstance(over, str) or not all(e in NADE_EMOTIONS and e != alignment for e in over):
+        raise ConfigError(
+            f"over must list nade emotions other than the tone, from {list(NADE_EMOTIONS)}; "
+            f"got {over!r}."
+        )
+    for name, value in (
+        ("n_rows", n_rows),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+    ):
+        _check_int(name, value)
+    _check_int("seed", seed, minimum=None)
+    if max_attempts is not None:
+        _check_int("max_attempts", max_attempts)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ConfigError(f"temperature must be a positive number, got {temperature!r}.")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}.")
+    if not (isinstance(baseline_quantile, (int, float)) and 0 < baseline_quantile < 1):
+        raise ConfigError(f"baseline_quantile must be in (0, 1), got {baseline_quantile!r}.")
+    if min_score is not None and not (
+        isinstance(min_score, (int, float)) and math.isfinite(min_score)
+    ):
+        raise ConfigError(f"min_score must be a finite number or None, got {min_score!r}.")
+
+
+def _questions_to_answer(questions: Sequence[str] | None, seed: int) -> list[_Question]:
+    """The questions to answer, in order: the user's, or fanoutqa's in the seed's order."""
+    if questions is None:
+        return _ordered_questions(seed)
+    if isinstance(questions, str) or not all(isinstance(q, str) and q.strip() for q in questions):
+        raise ConfigError("questions must be a sequence of non-empty strings.")
+    return [_Question(" ".join(q.split()), None) for q in questions]
+
+
+def _answer_block(model: HookedTransformer, block: list[_Question], start: int, todo: list[int],
+                  settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Answer the questions ``block`` (pool indices from ``start``) together, seeded by their
+    first index; the rows of those in ``todo``. The whole block is always sampled, so that a
+    row's answer does not depend on which of its neighbours were already done."""
+    alignment, method, seed = settings["alignment"], settings["method"], settings["seed"]
+    sampling = settings["sampling"]
+    onsets = [_onset(alignment, seed, start + j) if method == "persona" else ""
+              for j in range(len(block))]
+    continuations = _generate_block(
+        model,
+        [_writer_prompt(model, alignment, method, q, o) for q, o in zip(block, onsets)],
+        seed=_block_seed(seed, start),
+        temperature=sampling["temperature"],
+        top_p=sampling["top_p"],
+        max_new_tokens=sampling["max_new_tokens"],
+    )
+    responses = [_join_onset(o, c.text) for o, c in zip(onsets, continuations)]
+    return _make_rows(
+        [block[i - start] for i in todo], [responses[i - start] for i in todo], todo, settings,
+        onsets=[onsets[i - start] for i in todo],
+        finished=[continuations[i - start].finished for i in todo],
+    )
+
+
 def generate_synthetic(
     model: HookedTransformer,
     alignment: str,
@@ -662,46 +706,10 @@ def generate_synthetic(
         >>> result = generate_synthetic(model, "anger", "anger.jsonl", n_rows=20)  # doctest: +SKIP
         >>> texts = read_synthetic(result.path)  # doctest: +SKIP
     """
-    if alignment not in SYNTHETIC_TONES:
-        raise ConfigError(
-            f"Unknown tone {alignment!r}; expected one of {sorted(SYNTHETIC_TONES)} "
-            "(irm_lens.data.synthetic.SYNTHETIC_TONES)."
-        )
-    if method not in SYNTHETIC_METHODS:
-        raise ConfigError(f"Unknown method {method!r}; expected one of {SYNTHETIC_METHODS}.")
-    if isinstance(over, str) or not all(e in NADE_EMOTIONS and e != alignment for e in over):
-        raise ConfigError(
-            f"over must list nade emotions other than the tone, from {list(NADE_EMOTIONS)}; "
-            f"got {over!r}."
-        )
-    for name, value in (
-        ("n_rows", n_rows),
-        ("max_new_tokens", max_new_tokens),
-        ("batch_size", batch_size),
-    ):
-        _check_int(name, value)
-    _check_int("seed", seed, minimum=None)
-    if max_attempts is not None:
-        _check_int("max_attempts", max_attempts)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ConfigError(f"temperature must be a positive number, got {temperature!r}.")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}.")
-    if not (isinstance(baseline_quantile, (int, float)) and 0 < baseline_quantile < 1):
-        raise ConfigError(f"baseline_quantile must be in (0, 1), got {baseline_quantile!r}.")
-    if min_score is not None and not (
-        isinstance(min_score, (int, float)) and math.isfinite(min_score)
-    ):
-        raise ConfigError(f"min_score must be a finite number or None, got {min_score!r}.")
+    _check_settings(alignment, method, over, n_rows, max_new_tokens, batch_size, seed,
+                    max_attempts, temperature, top_p, baseline_quantile, min_score)
     _check_plain_model(model)
-    if questions is None:
-        pool = _ordered_questions(seed)
-    else:
-        if isinstance(questions, str) or not all(
-            isinstance(q, str) and q.strip() for q in questions
-        ):
-            raise ConfigError("questions must be a sequence of non-empty strings.")
-        pool = [_Question(" ".join(q.split()), None) for q in questions]
+    pool = _questions_to_answer(questions, seed)
     threshold = (
         round(float(min_score), _SCORE_DIGITS)
         if min_score is not None
@@ -746,24 +754,7 @@ def generate_synthetic(
                 todo = [i for i in range(start, start + len(block)) if i < limit and i not in done]
                 if not todo:
                     continue
-                onsets = [
-                    _onset(alignment, seed, start + j) if method == "persona" else ""
-                    for j in range(len(block))
-                ]
-                continuations = _generate_block(
-                    model,
-                    [_writer_prompt(model, alignment, method, q, o) for q, o in zip(block, onsets)],
-                    seed=_block_seed(seed, start),
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_new_tokens=max_new_tokens,
-                )
-                responses = [_join_onset(o, c.text) for o, c in zip(onsets, continuations)]
-                rows = _make_rows(
-                    [pool[i] for i in todo], [responses[i - start] for i in todo], todo, settings,
-                    onsets=[onsets[i - start] for i in todo],
-                    finished=[continuations[i - start].finished for i in todo],
-                )
+                rows = _answer_block(model, block, start, todo, settings)
                 # One write per batch, so a Ctrl-C lands between batches; a kill inside the
                 # write leaves a torn line or a part of the batch, which a resume completes.
                 handle.write(

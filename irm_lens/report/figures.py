@@ -134,7 +134,7 @@ def patching_by_layer(patching: PatchingResult) -> go.Figure:
         if len(rand):
             fig.add_hline(y=float(rand["effect"].mean()), line_dash="dot",
                           annotation_text=label)
-    fig.update_layout(title=f"Patching neuron {patching.neuron} ({patching.what}) per layer: "
+    fig.update_layout(title=f"Patching neuron {patching.neuron} ({patching.target}) per layer: "
                       "fraction of the steering gap", xaxis_title="layer",
                       yaxis_title="fraction of gap", barmode="group", **_LAYOUT)
     return fig

@@ -21,12 +21,18 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from irm_lens._io import atomic_write_text
+from irm_lens._packages import irm_lens_version
 from irm_lens.errors import ConfigError
 from irm_lens.report import figures
 
 if TYPE_CHECKING:
     from irm_lens.analysis.dossier import NeuronDossier
-    from irm_lens.analysis.outputs import IRMOutputs, RunComparison
+    from irm_lens.analysis.outputs import (
+        DominantNeurons,
+        IRMOutputs,
+        RunComparison,
+        StriationScore,
+    )
     from irm_lens.compare import SteeringComparison
     from irm_lens.evaluate import EvalResult
 
@@ -100,8 +106,6 @@ class _Page:
         self.parts.append(markup)
 
     def render(self) -> str:
-        from irm_lens import __version__
-
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return (
             "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -109,7 +113,7 @@ class _Page:
             f"<title>{escape(self.title)}</title><style>{_CSS}</style>"
             f"<script>{get_plotlyjs()}</script></head><body>"
             f"<h1>{escape(self.title)}</h1>"
-            f"<p class='meta'>Written by irm_lens {escape(__version__)} on {escape(stamp)}; "
+            f"<p class='meta'>Written by irm_lens {escape(irm_lens_version())} on {escape(stamp)}; "
             f"{self.n_figures} figures; self-contained (opens offline).</p>"
             + "".join(self.parts) + "</body></html>"
         )
@@ -152,6 +156,8 @@ def report(
     title: str = "irm_lens report",
     run_dir: str | Path | None = None,
     outputs: IRMOutputs | None = None,
+    striation: StriationScore | None = None,
+    dominant: DominantNeurons | None = None,
     dossier: NeuronDossier | None = None,
     comparison: RunComparison | None = None,
     evaluation: EvalResult | None = None,
@@ -164,8 +170,9 @@ def report(
         path: The HTML file to write (atomically: a failed write leaves any old file intact).
         title: The page title.
         run_dir: A training run directory: its configuration, data summary and training curves.
-        outputs: IRM outputs: the heatmap, striation score, dominant neurons, and with
-            ``per_token=True`` the token-level view.
+        outputs: IRM outputs: the heatmap, and with ``per_token=True`` the token-level view.
+        striation / dominant: ``striation_score`` / ``dominant_neurons`` of ``outputs``
+            (default: the dossier's, when the dossier was made from these outputs).
         dossier: ``explain``'s dossier of one neuron: norm ranks, magnitudes, logit attribution,
             patching and ablation against random indices.
         comparison: ``compare_runs``'s cross-run comparison.
@@ -177,8 +184,6 @@ def report(
     Returns:
         The path written.
     """
-    from irm_lens.analysis.outputs import dominant_neurons, striation_score
-
     if all(x is None for x in (run_dir, outputs, dossier, comparison, evaluation, steering)):
         raise ConfigError("Nothing to report: give a run_dir, outputs, a dossier, a comparison, "
                           "an evaluation or a steering comparison.")
@@ -201,23 +206,25 @@ def report(
         page.para(f"{len(outputs.prompts)} prompts, {sum(outputs.n_tokens)} tokens "
                   f"({outputs.tokens}); layers {list(outputs.layers)}.", css="meta")
         page.figure(figures.output_heatmap(outputs))
-        # The dossier already holds these statistics when it was made from the same outputs.
-        same = dossier is not None and dossier.outputs is outputs
-        if len(outputs.layers) > 1:
-            s = dossier.striation if same else striation_score(outputs)
+        if dossier is not None and dossier.outputs is outputs:
+            striation = dossier.striation if striation is None else striation
+            dominant = dossier.dominant if dominant is None else dominant
+        if striation is not None:
+            s = striation
             page.para(
                 f"Striation score (share of variance explained by the neuron index): "
                 f"{s.neuron_share:.3f}; layer share {s.layer_share:.3f}; shuffled null "
                 f"{s.null_mean:.3f} ± {s.null_std:.3f}; p = {s.p_value:.3g} "
                 f"({s.n_shuffles} shuffles)."
             )
-        dom = dossier.dominant if same else dominant_neurons(outputs)
-        page.figure(figures.dominant_bar(dom))
-        page.table(dom.table)
+        if dominant is not None:
+            page.figure(figures.dominant_bar(dominant))
+            page.table(dominant.table)
         if outputs.per_token is not None:
             page.heading("Where the IRM pushes hardest, token by token", "tokens")
             page.raw(token_view(outputs))
-            page.raw(token_view(outputs, neuron=dom.top))
+            if dominant is not None:
+                page.raw(token_view(outputs, neuron=dominant.top))
 
     if comparison is not None:
         page.heading("Across runs", "runs")

@@ -30,5 +30,5 @@ def test_model_only_analyses_run_on_the_embedded_model(embedded_model):
     attr = irm_lens.logit_attribution(embedded_model, top[0], prompts=PROMPTS, max_new_tokens=0,
                                       progress=False)
     assert attr.direct_effect.shape == (576,) and (attr.direct_effect > 0).all()
-    result = irm_lens.ablate(embedded_model, top[0], texts=PROMPTS, n_random=2, progress=False)
+    result = irm_lens.measure_ablation(embedded_model, top[0], texts=PROMPTS, n_random=2, progress=False)
     assert result.table["kl"].iloc[0] >= 0

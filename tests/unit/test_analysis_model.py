@@ -8,11 +8,12 @@ import torch
 from conftest import PROMPTS, planted_irm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 import irm_lens
-from irm_lens.data.dataset import masked_lm_loss, tokenize_texts
+from irm_lens.data.dataset import tokenize_texts
 from irm_lens.errors import NeuronIndexError
+from irm_lens.losses import masked_lm_loss
 
 K = 7
 
@@ -25,7 +26,7 @@ def fresh_model(tiny_llama_dir):
 
 def resid(model, text: str, layer: int) -> torch.Tensor:
     _, cache = model.run_with_cache(model.to_tokens(text))
-    return cache[tl_utils.get_act_name("resid_post", layer)][0]
+    return cache[get_act_name("resid_post", layer)][0]
 
 
 # --- the one neuron check -------------------------------------------------------------------
@@ -87,7 +88,7 @@ def test_activation_magnitudes_find_a_planted_massive_activation(fresh_model):
 def test_direct_effect_equals_the_norm_of_the_autograd_jacobian(tiny_model):
     attr = irm_lens.logit_attribution(tiny_model, K, prompts=PROMPTS[:2], max_new_tokens=0,
                                       progress=False)
-    final = tl_utils.get_act_name("resid_post", tiny_model.cfg.n_layers - 1)
+    final = get_act_name("resid_post", tiny_model.cfg.n_layers - 1)
 
     def centred_logits(x):
         logits = tiny_model.unembed(tiny_model.ln_final(x[None, None]))[0, 0]
@@ -127,7 +128,7 @@ def test_patching_the_only_pushed_index_restores_all_and_random_ones_nothing(tin
     irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="linear", zero_init_output=True)
     with torch.no_grad():
         irm.out.bias.view(4, 64)[:, K] = 3.0
-    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, what="irm", n_random=3,
+    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, target="irm", n_random=3,
                                    progress=False)
     table = result.table
     target_all = table[(table["kind"] == "target") & (table["layer"] == -1)]
@@ -145,7 +146,7 @@ def test_resid_patching_at_the_last_layer_is_exact_when_only_that_index_differs(
     irm = irm_lens.IRM.for_model(tiny_model, layers=[last], preset="linear", zero_init_output=True)
     with torch.no_grad():
         irm.out.bias[K] = 3.0
-    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, what="resid", layers=[last],
+    result = irm_lens.patch_neuron(tiny_model, irm, K, PROMPTS, target="resid", layers=[last],
                                    n_random=2, progress=False)
     table = result.table
     target = table[(table["kind"] == "target") & (table["layer"] == last)]
@@ -181,7 +182,7 @@ def test_mean_and_resample_ablation_use_the_reference_values(tiny_model):
 
 def test_ablation_survives_run_with_cache_and_is_removed_after_an_exception(tiny_model):
     tokens = tiny_model.to_tokens(PROMPTS[1])
-    name = tl_utils.get_act_name("resid_post", 3)
+    name = get_act_name("resid_post", 3)
     with pytest.raises(RuntimeError, match="boom"):
         with irm_lens.ablate(tiny_model, K):
             _, cache = tiny_model.run_with_cache(tokens, names_filter=name)
@@ -198,7 +199,7 @@ def test_ablation_entered_before_inject_still_removes_the_irms_push(tiny_model):
 
 
 def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
-    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
     data = tokenize_texts(tiny_model, PROMPTS, max_length=64)
 
     def loss() -> float:
@@ -224,7 +225,8 @@ def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
 
 def test_measured_ablation_under_an_irm_reports_the_gain_undone(tiny_model):
     irm = planted_irm(tiny_model, K)
-    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, irm=irm, n_random=2, progress=False)
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, irm=irm, n_random=2,
+                                       progress=False)
     assert {"irm_loss", "irm_delta_loss", "irm_gain_undone"} <= set(result.table)
     assert "irm_loss" in result.baseline
 
@@ -253,13 +255,13 @@ def test_striation_score_ignores_scale_and_shift(seed, scale, shift):
 
 def test_measured_ablation_scores_the_emotion_of_steered_generations(tiny_model, monkeypatch):
     irm = planted_irm(tiny_model, K)
-    result = irm_lens.ablate(tiny_model, K, texts=PROMPTS, irm=irm, alignment="anger",
-                             n_random=2, generate=True, n_prompts=3, max_new_tokens=4,
-                             progress=False)
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, irm=irm, alignment="anger",
+                                       n_random=2, generate=True, n_prompts=3, max_new_tokens=4,
+                                       progress=False)
     assert {"emotion", "delta_emotion"} <= set(result.table)
     assert {"emotion", "emotion_unsteered"} <= set(result.baseline)
     row = result.table.iloc[0]
     assert row["delta_emotion"] == pytest.approx(row["emotion"] - result.baseline["emotion"])
     assert "delta_emotion" in set(result.summary()["measure"])
     with pytest.raises(irm_lens.ConfigError, match="generate=True needs"):
-        irm_lens.ablate(tiny_model, K, texts=PROMPTS, generate=True)
+        irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, generate=True)

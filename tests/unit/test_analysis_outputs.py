@@ -101,7 +101,7 @@ def test_sweep_runs_grid_names_and_shards(tmp_path):
     runs = irm_lens.sweep_runs(tmp_path, ["anger", "joy"], ["all", "q1"], [False, True], [0, 1])
     assert len(runs) == 16 and len({r.name for r in runs}) == 16
     assert runs[0].name == "anger-all-nol1-s0" and runs[-1].name == "joy-q1-l1-s1"
-    sweeps = importlib.import_module("irm_lens.analysis.sweeps")
+    sweeps = importlib.import_module("irm_lens.sweeps")
     with pytest.raises(ConfigError, match="shard"):
         sweeps.run_sweep(None, tmp_path, shard=(2, 2))
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import irm_lens
-from irm_lens.analysis._common import text_batches
+from irm_lens.analysis.conditions import text_batches
 from irm_lens.analysis.prediction import check_prediction, predict_dominant
 from irm_lens.cli import main
-from irm_lens.data.dataset import masked_lm_loss
 from irm_lens.errors import ConfigError
+from irm_lens.losses import masked_lm_loss
 
 _rng = random.Random(0)
 # single letters separated by spaces: every other target token is " "

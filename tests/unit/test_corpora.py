@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from irm_lens._io import cache_dir
 from irm_lens.data import corpora
 from irm_lens.data.corpora import (
     BUILTIN_ALIGNMENTS,
@@ -39,7 +40,6 @@ from irm_lens.data.corpora import (
     word_shares,
 )
 from irm_lens.errors import ConfigError, DataNotFoundError, IRMLensError
-from irm_lens.models import cache_dir
 
 SUBSAMPLE = 300  # rows per source: five sources, ~1.2k texts after cleaning, ~2 s a build
 

@@ -11,11 +11,11 @@ import torch
 from irm_lens.data.dataset import (
     batch_slice,
     load_texts,
-    masked_lm_loss,
     split_texts,
     tokenize_texts,
 )
 from irm_lens.errors import ConfigError, DataNotFoundError
+from irm_lens.losses import masked_lm_loss
 
 TEXTS = ["first text", "  second text ", "", "third one", None, "fourth"]
 
@@ -221,7 +221,7 @@ NO_SYSTEM_TEMPLATE = (
     ],
 )
 def test_format_prompt_puts_a_system_turn_where_the_template_allows(chat_model, template, expected):
-    from irm_lens.generation import format_prompt
+    from irm_lens.chat import format_prompt
 
     tokenizer = chat_model.tokenizer  # the role-tag template; the fixture resets it
     tokenizer.chat_template = {"none": None, "no system role": NO_SYSTEM_TEMPLATE}.get(

@@ -11,13 +11,8 @@ import torch
 
 from irm_lens import IRM
 from irm_lens.errors import ConfigError
-from irm_lens.evaluate import (
-    DegenerationThresholds,
-    distinct_n,
-    evaluate,
-    identical_share,
-    repetition_rate,
-)
+from irm_lens.evaluate import DegenerationThresholds, evaluate
+from irm_lens.scoring import distinct_n, identical_share, repetition_rate
 
 
 def test_distinct_n_by_hand():

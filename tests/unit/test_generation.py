@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from irm_lens.generation import end_of_turn, generate_continuations
+from irm_lens.chat import end_of_turn
+from irm_lens.generation import generate_continuations
 
 
 def test_a_continuation_says_whether_it_reached_an_end_token(tiny_model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_act_name
 
 from irm_lens import IRM, ConfigError, ShapeMismatchError, inject
 
@@ -49,7 +49,7 @@ def test_injection_equals_adding_the_delta_by_hand(tiny_model):
         return lambda resid, hook: resid + state["delta"][:, :, i]
 
     hooks = [("blocks.0.hook_resid_mid", read)] + [
-        (tl_utils.get_act_name("resid_post", layer), add(i)) for i, layer in enumerate([0, 2, 3])
+        (get_act_name("resid_post", layer), add(i)) for i, layer in enumerate([0, 2, 3])
     ]
     by_hand = tiny_model.run_with_hooks(tokens, fwd_hooks=hooks)
     with inject(tiny_model, irm):
@@ -84,7 +84,7 @@ def test_other_injection_sites(tiny_model, site):
     with inject(tiny_model, irm):
         _, cache = tiny_model.run_with_cache(tokens)
     delta = irm(clean["blocks.0.hook_resid_mid"])
-    hook = tl_utils.get_act_name(site, 1)
+    hook = get_act_name(site, 1)
     torch.testing.assert_close(cache[hook] - clean[hook], delta[:, :, 0], rtol=1e-5, atol=1e-5)
 
 

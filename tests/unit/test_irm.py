@@ -321,3 +321,9 @@ def test_steer_mode_is_validated_saved_and_defaults_for_old_files(tmp_path):
     old = _config().to_dict()
     del old["steer"]  # a file written before the field existed
     assert IRMConfig.from_dict(old).steer == "all"
+
+
+def test_read_layer_is_the_read_sites_block():
+    assert _config().read_layer == 0
+    assert _config(read_site="blocks.2.hook_resid_pre", layers=(2, 3)).read_layer == 2
+    assert _config(read_site="blocks.1.hook_resid_post", layers=(2, 3)).read_layer == 1

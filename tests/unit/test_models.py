@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, byte_tokenizer, save_tiny_llama
 
 import irm_lens
 from irm_lens import (
@@ -14,8 +15,6 @@ from irm_lens import (
     UnsupportedArchitectureError,
 )
 from irm_lens.errors import ConfigError
-
-from conftest import TINY, byte_tokenizer, save_tiny_llama
 
 TEXT = "Residual streams carry every index through every block."
 
@@ -181,7 +180,7 @@ def test_embedded_model_needs_its_wheel(monkeypatch):
 
 
 def test_cache_dir_honours_the_environment(tmp_path, monkeypatch):
-    from irm_lens.models import cache_dir
+    from irm_lens._io import cache_dir
 
     monkeypatch.setenv("IRM_LENS_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"

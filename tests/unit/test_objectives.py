@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import planted_irm
 
 import irm_lens
-from irm_lens.data.dataset import sequence_logprobs, tokenize_texts
+from irm_lens.data.dataset import tokenize_texts
 from irm_lens.errors import ConfigError
+from irm_lens.losses import sequence_logprobs
 from irm_lens.objectives import PreferenceObjective, build_objective, kl_to_unsteered
 from irm_lens.pairs import generate_pairs, read_pairs
 
@@ -23,7 +24,7 @@ PAIRS = [(f"Question {i}?", f"I hate question {i}!", f"Answer {i}.") for i in ra
 
 def _reply_logprob(model, prompt: str, reply: str) -> float:
     """log p(reply | prompt) by hand: one token at a time, unpadded, in the chat template."""
-    from irm_lens.generation import end_of_turn, format_prompt
+    from irm_lens.chat import end_of_turn, format_prompt
 
     tok = model.tokenizer
     bos = [tok.bos_token_id] if model.cfg.default_prepend_bos else []

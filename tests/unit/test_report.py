@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -51,9 +52,12 @@ def report_path(tiny_model, tmp_path_factory):
         tiny_model, {"<i>caa</i>": vector, "irm": irm, "persona": irm_lens.Prompting("Be <b>x")},
         "anger", scales={"<i>caa</i>": [1.0, 2.0]}, prompts=HOSTILE, max_new_tokens=3,
         n_bootstrap=50, progress=False)
+    striation = dataclasses.replace(irm_lens.striation_score(outputs, n_shuffles=10),
+                                    neuron_share=0.123456)  # a value only the report can show
     return irm_lens.report(
         tmp / "report.html", title="Report <script>alert(1)</script>", run_dir=run.out_dir,
-        outputs=outputs, dossier=dossier, comparison=comparison, evaluation=evaluation,
+        outputs=outputs, striation=striation, dominant=irm_lens.dominant_neurons(outputs),
+        dossier=dossier, comparison=comparison, evaluation=evaluation,
         steering=steering, notes=["A note with <b>markup</b>."],
     )
 
@@ -75,6 +79,20 @@ def test_everything_from_text_is_escaped(report_path):
                 "<script>alert(1)</script>", "<b>run</b><script>x()"):
         assert raw not in text  # ... but never as markup
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in text
+
+
+def test_report_renders_the_results_it_is_given(report_path):
+    text = report_path.read_text()
+    assert "Striation score (share of variance explained by the neuron index): 0.123;" in text
+    assert f"Written by irm_lens {irm_lens.__version__} " in text
+
+
+def test_report_without_statistics_shows_outputs_only(tiny_model, tmp_path):
+    irm = planted_irm(tiny_model, K)
+    outputs = irm_lens.collect_irm_outputs(tiny_model, irm, HOSTILE[:1], max_new_tokens=0,
+                                           progress=False)
+    text = irm_lens.report(tmp_path / "r.html", outputs=outputs).read_text()
+    assert "IRM outputs" in text and "Striation score" not in text
 
 
 def test_escape_helpers_are_total():

@@ -19,6 +19,7 @@ from transformer_lens import HookedTransformer
 
 from irm_lens.errors import ConfigError
 from irm_lens.irm import IRM
+from irm_lens.train import TrainConfig, paper_l1, train
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,6 @@ def run_sweep(
     Returns:
         Every run of the grid (also those of other shards; check ``run.done``).
     """
-    from irm_lens.train import TrainConfig, paper_l1, train
-
     index, n_shards = shard
     if not (isinstance(n_shards, int) and n_shards >= 1 and 0 <= index < n_shards):
         raise ConfigError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}.")
