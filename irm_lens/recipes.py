@@ -5,8 +5,8 @@
   bias, so the untrained IRM already is that vector; it is then trained with the preference
   objective on pairs of the same training question answered by the model steered by that vector
   (the chosen, tone-carrying reply) and unsteered (the rejected one), with the fluency KL term.
-  The pairs are generated once (``generate_pairs``) and reused; pairs for ``anger``,
-  ``sadness`` and ``joy`` on the embedded model ship with the package.
+  The pairs are generated once (``generate_pairs``, at ``pairs_scale``) and reused; the
+  embedded model's ``anger`` pairs ship with the package (``irm_lens/data/pairs/``).
 * ``"paper"``: the paper's objective, cross-entropy on the built-in alignment texts, from a
   zero-initialised IRM (the main job before the preference recipe).
 
