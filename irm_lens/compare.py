@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import pandas as pd
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from irm_lens._progress import progress_bar
 from irm_lens.errors import ConfigError
 from irm_lens.evaluate import (
     Decodings,
@@ -137,7 +137,7 @@ def compare_steering(
     points = [(name, scale) for name, intervention in interventions.items()
               for scale in _scales_of(name, intervention, scales)]
     rows, samples = [], [off.assign(intervention="unsteered", scale=0.0)]
-    for name, scale in tqdm(points, desc="interventions", unit="point", disable=not progress):
+    for name, scale in progress_bar(points, desc="interventions", unit="point", disable=not progress):
         on = generate_samples(model, interventions[name], prompts, decodings, scale=scale, **kwargs)
         result = measure(off, on, alignment, n_bootstrap=n_bootstrap, seed=seed,
                          thresholds=thresholds)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from irm_lens._progress import progress_bar
 from irm_lens.chat import format_prompt, prepend_bos_for
 from irm_lens.errors import ConfigError
 from irm_lens.irm import IRM
@@ -61,7 +61,7 @@ def generate_continuations(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     results: list[Continuation] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc="generating", unit="batch", disable=not progress):
         batch = prompts[start : start + batch_size]
         system = system_prompt(intervention)
         texts = [format_prompt(model, p, chat, system=system) for p in batch]

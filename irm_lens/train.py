@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from irm_lens._io import _ensure_writable_dir, atomic_write, atomic_write_json, atomic_write_text
+from irm_lens._progress import progress_bar
 from irm_lens.data.corpora import load_alignment, neutral_prompts
 from irm_lens.data.dataset import (
     TextSplits,
@@ -277,7 +277,7 @@ def _train(
     if math.isnan(state.baseline_val_loss):
         state.baseline_val_loss = _val_loss(model, None, loop.val_obj, config, ranks)
         _log(loop.writer, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
-    bar = tqdm(total=loop.total_steps, initial=state.step, desc="training IRM", unit="step",
+    bar = progress_bar(total=loop.total_steps, initial=state.step, desc="training IRM", unit="step",
                disable=not progress or not ranks.main)
     while state.step < loop.total_steps and not state.stop_reason:
         record = loop.step()

@@ -34,6 +34,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from irm_lens._progress import progress_bar
 from irm_lens.analysis.conditions import prompts_or_default, score_conditions, stacked, text_batches
 from irm_lens.analysis.indices import check_layers, check_neuron, random_indices
 from irm_lens.analysis.provenance import Provenance
@@ -308,9 +309,8 @@ def _emotion_under_ablation(model, irm, alignment, ablations, n_prompts, max_new
     base = score(generate_continuations(model, prompts, intervention=irm, **kwargs))
     emotion = {}
     items = list(ablations.items())
-    from tqdm.auto import tqdm
-
-    for i, a in tqdm(items, desc="steered generations", unit="index", disable=not progress):
+    
+    for i, a in progress_bar(items, desc="steered generations", unit="index", disable=not progress):
         with a:
             emotion[i] = score(generate_continuations(model, prompts, intervention=irm, **kwargs))
     return emotion, unsteered, base

@@ -10,9 +10,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from irm_lens._progress import progress_bar
 from irm_lens.chat import format_prompt, prepend_bos_for
 from irm_lens.data.corpora import neutral_prompts
 from irm_lens.data.dataset import batch_slice, tokenize_texts
@@ -70,7 +70,7 @@ def score_conditions(
     kl = dict.fromkeys(names, 0.0)
     n_scored = 0.0
     device = model.cfg.device
-    bar = tqdm(total=len(batches) * len(order), desc=desc, unit="pass", disable=not progress)
+    bar = progress_bar(total=len(batches) * len(order), desc=desc, unit="pass", disable=not progress)
     for ids, _, loss_mask in batches:
         ids = ids.to(device)
         weight = loss_mask[:, 1:].to(device=device, dtype=torch.float32)  # [batch, pos-1]

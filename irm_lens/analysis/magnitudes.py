@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from irm_lens._progress import progress_bar
 from irm_lens.analysis.conditions import prompts_or_default, steered_sequences
 from irm_lens.analysis.provenance import Provenance
 from irm_lens.analysis.stats import ranks_descending
@@ -132,7 +132,7 @@ def activation_magnitudes(
     rows = [ids for ids, _ in steered_sequences(model, None, prompts, max_new_tokens=0, chat=chat)[0]]
     pad_id = model.tokenizer.pad_token_id or 0
     starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="activation magnitudes", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc="activation magnitudes", unit="batch", disable=not progress):
         tokens, real, _ = right_pad(rows[start : start + batch_size], pad_id)
         real = real.bool()
         classes = _position_classes(model, tokens, real)

@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from irm_lens._progress import progress_bar
 from irm_lens.analysis.conditions import prompts_or_default, steered_sequences
 from irm_lens.analysis.provenance import Provenance
 from irm_lens.analysis.stats import spearman
@@ -118,7 +118,7 @@ def collect_irm_outputs(
     pad_id = model.tokenizer.pad_token_id or 0
     mean_abs_rows, mean_rows, counts, token_rows, token_strs = [], [], [], [], []
     starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="IRM outputs", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc="IRM outputs", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
         ids, real, _ = right_pad([p + g for p, g in batch], pad_id)
         real = real.bool()

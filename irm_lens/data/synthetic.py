@@ -46,10 +46,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from irm_lens._io import _ensure_writable_dir
+from irm_lens._progress import progress_bar
 from irm_lens.chat import format_prompt
 from irm_lens.data.corpora import fanoutqa_dev_path, is_repetitive, n_words, neutral_prompts
 from irm_lens.data.personas import SYNTHETIC_PERSONAS
@@ -739,7 +739,7 @@ def generate_synthetic(
         done = {row["index"] for row in existing}
         n_kept = sum(bool(row["kept"]) for row in existing)
         n_generated = 0
-        bar = tqdm(
+        bar = progress_bar(
             total=n_rows,
             initial=min(n_kept, n_rows),
             desc=f"synthetic {alignment}",

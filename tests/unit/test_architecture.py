@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parents[2] / "irm_lens"
 # Bottom first. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "data"),
-    ("_io", "_packages", "chat", "hooks", "losses", "scoring"),
+    ("_io", "_packages", "_progress", "chat", "hooks", "losses", "scoring"),
     ("attention", "models"),
     ("data.corpora", "data.personas", "data.dataset"),
     ("irm",),

@@ -90,7 +90,11 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
             "--pairs", str(pairs), "--n-prompts", "3", "--max-new-tokens", "3", "--n-random", "2",
             "--eval-prompts", "3", "--out", str(out)]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, log = captured.out, captured.out + captured.err
+    # Not a terminal (captured): whole lines per stage, no bar redraws, a log one can read.
+    assert "\r" not in log and len(log.splitlines()) < 100, log
+    assert "training IRM: started (0/2 step)" in captured.err
     for stage in ("[train]", "[IRM outputs]", "[analyses]", "[evaluation]", "[report]"):
         assert stage in printed
     assert "dominant neuron:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
