@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+import einops
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -106,8 +107,9 @@ class _SDPAMixin(AbstractAttention):
             k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
         z = self._sdpa_z(q, k, v, offset, attention_mask)
         z = self.hook_z(z)  # [batch, pos, head_index, d_head]
-        w = self.W_O.reshape(-1, self.cfg.d_model).T  # [d_model, head_index * d_head]
-        return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, self.b_O)
+        w = einops.rearrange(self.W_O, "head_index d_head d_model -> d_model (head_index d_head)")
+        z = einops.rearrange(z, "batch pos head_index d_head -> batch pos (head_index d_head)")
+        return F.linear(z.to(w.dtype), w, self.b_O)
 
     def _sdpa_z(
         self,

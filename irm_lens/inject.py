@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator, Literal
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -77,9 +78,12 @@ def inject(
             delta = delta * steered.to(device=delta.device, dtype=delta.dtype)[..., None, None]
         if on_output is not None:
             on_output(delta)
-        # One unbind for all layers: its backward stacks the layers' gradients once, where a
-        # select per layer would fill a zero tensor of the whole output for each layer.
-        pass_state["delta"] = delta.unbind(dim=2)  # n_injected x [batch, pos, d_model]
+        # Output i goes to injected layer i. One unbind for all layers: its backward stacks the
+        # layers' gradients once, where a select per layer would fill a zero tensor of the whole
+        # output for each layer.
+        per_layer = einops.rearrange(
+            delta, "batch pos n_injected d_model -> n_injected batch pos d_model")
+        pass_state["delta"] = per_layer.unbind(0)  # n_injected x [batch, pos, d_model]
 
     def write_for(i: int) -> Callable[[Tensor, HookPoint], Tensor]:
         def write(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -321,8 +322,10 @@ class IRM(nn.Module):
         # weights, their gradients and Adam's state stay in the weights' dtype (mixed precision).
         low = resid.dtype == torch.bfloat16 or (resid.dtype == torch.float16 and resid.is_cuda)
         with torch.autocast(resid.device.type, dtype=resid.dtype) if low else nullcontext():
-            flat = self.out(self.hidden(x)) * self.config.output_scale  # [batch, pos, n_inj*d_model]
-        return flat.unflatten(-1, (self.config.n_injected, self.config.d_model))
+            flat = self.out(self.hidden(x)) * self.config.output_scale
+        # The output layer's units, in order: injected layer 0's d_model values, then layer 1's.
+        return einops.rearrange(flat, "batch pos (n_inj d_model) -> batch pos n_inj d_model",
+                                n_inj=self.config.n_injected)
 
     def check_compatible(self, model: HookedTransformer) -> None:
         """Raise ``ShapeMismatchError`` unless this IRM fits ``model``."""

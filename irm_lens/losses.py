@@ -6,6 +6,7 @@ when ``loss_mask[t+1]`` is 1 (padding, and for chat examples the prompt, never d
 
 from __future__ import annotations
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -24,8 +25,10 @@ def token_nll(
     """
     target = F.pad(input_ids[:, 1:], (0, 1))  # [batch, pos]
     weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
-    return nll.view_as(weight), weight
+    flat_logits = einops.rearrange(logits.float(), "batch pos d_vocab -> (batch pos) d_vocab")
+    flat_target = einops.rearrange(target, "batch pos -> (batch pos)")
+    nll = F.cross_entropy(flat_logits, flat_target, reduction="none")
+    return einops.rearrange(nll, "(batch pos) -> batch pos", batch=weight.shape[0]), weight
 
 
 def masked_lm_loss(

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator, Literal, Sequence, Union
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -393,7 +394,9 @@ def warm_start(irm: IRM, vector: SteeringVector) -> IRM:
     if c.positions != "all" or irm.config.steer != "all":
         raise ConfigError("A warm start adds the vector at every position: build it with "
                           "positions='all' for an IRM with steer='all'.")
-    bias = irm.out.bias.detach().view(irm.config.n_injected, irm.config.d_model)  # [n_inj, d_model]
+    # A view of the output bias (written in place below), layer by layer as IRM.forward reads it.
+    bias = einops.rearrange(irm.out.bias.detach(), "(n_injected d_model) -> n_injected d_model",
+                            n_injected=irm.config.n_injected)
     with torch.no_grad():
         for vec, layer in zip(vector.vectors, c.layers):
             # the IRM multiplies everything it outputs by its output_scale
