@@ -9,6 +9,7 @@ as JavaScript escapes, so a ``</script>`` in a prompt cannot end the script it s
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
 import json
@@ -24,6 +25,7 @@ from irm_lens._io import atomic_write_text
 from irm_lens._packages import irm_lens_version
 from irm_lens.errors import ConfigError
 from irm_lens.report import figures
+from irm_lens.report.summary import findings
 
 if TYPE_CHECKING:
     from irm_lens.analysis.dossier import NeuronDossier
@@ -48,6 +50,8 @@ font-size: 0.8em; } .figure { min-height: 380px; margin: 0.8em 0; }
 .tokens { font-family: ui-monospace, Menlo, monospace; font-size: 0.85em; line-height: 1.9;
           border: 1px solid #eee; padding: 0.5em; margin: 0.4em 0; white-space: pre-wrap; }
 .tokens span { border-radius: 2px; } .note { background: #fff8e1; padding: 0.5em 0.8em; }
+.findings { background: #eef6ee; border: 1px solid #b5d6b5; padding: 0.4em 1em; }
+.findings table { background: white; }
 """
 
 
@@ -70,8 +74,12 @@ def table_html(frame: pd.DataFrame, max_rows: int = 200, digits: int = 4) -> str
         if pd.api.types.is_float_dtype(shown[col]):
             shown[col] = shown[col].round(digits)
     body = shown.to_html(index=False, escape=True, border=0, na_rep="")
-    more = f"<p class='meta'>{len(frame) - max_rows} more rows not shown.</p>" if len(frame) > max_rows else ""
-    return body + more
+    if len(frame) <= max_rows:
+        return body
+    csv = base64.b64encode(frame.to_csv(index=False).encode()).decode()
+    return body + (f"<p class='meta'>{len(frame) - max_rows} more rows not shown: "
+                   f"<a download='table.csv' href='data:text/csv;base64,{csv}'>all {len(frame)} "
+                   "rows as CSV</a>.</p>")
 
 
 @dataclass
@@ -187,89 +195,107 @@ def report(
     if all(x is None for x in (run_dir, outputs, dossier, comparison, evaluation, steering)):
         raise ConfigError("Nothing to report: give a run_dir, outputs, a dossier, a comparison, "
                           "an evaluation or a steering comparison.")
+    run = _read_run(run_dir) if run_dir is not None else None
+    if dossier is not None and outputs is not None and dossier.outputs is outputs:
+        striation = dossier.striation if striation is None else striation
+        dominant = dossier.dominant if dominant is None else dominant
     page = _Page(title)
+    _findings_section(page, findings(
+        steering=steering, striation=striation, dominant=dominant,
+        d_model=outputs.mean_abs.shape[1] if outputs is not None else None,
+        ablation=dossier.ablation if dossier is not None else None,
+        patching=dossier.patching if dossier is not None else None))
     for note in notes:
         page.para(note, css="note")
-
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if not (run_dir / "run.json").exists():
-            raise ConfigError(f"{run_dir} is not a training run directory (no run.json).")
-        run = json.loads((run_dir / "run.json").read_text())
-        page.heading("Run configuration and data", "run")
-        page.raw(f"<pre>{escape(json.dumps(run, indent=2))}</pre>")
-        if (run_dir / "metrics.jsonl").exists():
-            page.figure(figures.training_curves(_history(run_dir)))
-
+    if steering is not None:
+        _steering_section(page, steering)
+    if run is not None and (Path(run_dir) / "metrics.jsonl").exists():
+        page.heading("Training", "training")
+        page.figure(figures.training_curves(_history(Path(run_dir))))
     if outputs is not None:
-        page.heading("IRM outputs", "outputs")
-        page.para(f"{len(outputs.prompts)} prompts, {sum(outputs.n_tokens)} tokens "
-                  f"({outputs.tokens}); layers {list(outputs.layers)}.", css="meta")
-        page.figure(figures.output_heatmap(outputs))
-        if dossier is not None and dossier.outputs is outputs:
-            striation = dossier.striation if striation is None else striation
-            dominant = dossier.dominant if dominant is None else dominant
-        if striation is not None:
-            s = striation
-            page.para(
-                f"Striation score (share of variance explained by the neuron index): "
-                f"{s.neuron_share:.3f}; layer share {s.layer_share:.3f}; shuffled null "
-                f"{s.null_mean:.3f} ± {s.null_std:.3f}; p = {s.p_value:.3g} "
-                f"({s.n_shuffles} shuffles)."
-            )
-        if dominant is not None:
-            page.figure(figures.dominant_bar(dominant))
-            page.table(dominant.table)
-        if outputs.per_token is not None:
-            page.heading("Where the IRM pushes hardest, token by token", "tokens")
-            page.raw(token_view(outputs))
-            if dominant is not None:
-                page.raw(token_view(outputs, neuron=dominant.top))
-
+        _outputs_section(page, outputs, striation, dominant)
     if comparison is not None:
         page.heading("Across runs", "runs")
         page.para(f"Same top neuron in every run: {comparison.same_top1}.")
         page.table(comparison.runs)
         page.figure(figures.run_overlap(comparison))
         page.table(comparison.pairs)
-
     if dossier is not None:
-        n = dossier.neuron
-        page.heading(f"Neuron {n}", "neuron")
-        page.table(dossier.summary_frame().reset_index().rename(columns={"index": "measure"}))
-        page.figure(figures.norm_ranks(dossier.norms, n))
-        page.figure(figures.magnitude_profile(dossier.magnitudes, n))
-        massive = dossier.magnitudes.massive()
-        page.para(f"Massive activations in this prompt set: {len(massive)} (layer, neuron) pairs.")
-        if len(massive):
-            page.table(massive, max_rows=30)
-        attr = dossier.attribution
-        page.para(f"Direct logit effect of neuron {n}: rank {attr.direct_effect_rank} of "
-                  f"{len(attr.direct_effect)}. Tokens a push on it promotes / suppresses:")
-        page.table(pd.concat([attr.promoted.add_prefix("promoted_"),
-                              attr.suppressed.add_prefix("suppressed_")], axis=1))
-        if attr.components is not None:
-            page.para("The steered final residual decomposed: each component's direct logit "
-                      "effect along the steering's logit change, and the part through this neuron.")
-            page.table(attr.components, max_rows=20)
-        if dossier.patching is not None:
-            page.figure(figures.patching_by_layer(dossier.patching))
-            page.table(dossier.patching.summary())
-        page.figure(figures.ablation_against_random(dossier.ablation))
-        page.table(dossier.ablation.summary())
-
+        _dossier_section(page, dossier)
     if evaluation is not None:
         page.heading("Generations with and without the IRM", "generations")
         page.para(evaluation.verdict)
         page.table(evaluation.lift)
         page.table(evaluation.side_by_side("greedy"), max_rows=50)
-
-    if steering is not None:
-        _steering_section(page, steering)
-
+    if run is not None:  # the configuration last, folded away
+        page.raw("<details><summary>Run configuration and data</summary>"
+                 f"<pre>{escape(json.dumps(run, indent=2))}</pre></details>")
     path = Path(path)
     atomic_write_text(path, page.render())
     return path
+
+
+def _read_run(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise ConfigError(f"{run_dir} is not a training run directory (no run.json).")
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _findings_section(page: _Page, table: pd.DataFrame) -> None:
+    if len(table):
+        page.raw("<div class='findings' id='findings'><h2>Findings</h2>"
+                 f"{table_html(table)}</div>")
+
+
+def _outputs_section(page: _Page, outputs: IRMOutputs, striation: StriationScore | None,
+                     dominant: DominantNeurons | None) -> None:
+    page.heading("IRM outputs", "outputs")
+    page.para(f"{len(outputs.prompts)} prompts, {sum(outputs.n_tokens)} tokens "
+              f"({outputs.tokens}); layers {list(outputs.layers)}.", css="meta")
+    page.figure(figures.output_heatmap(outputs))
+    if striation is not None:
+        s = striation
+        page.para(
+            f"Striation score (share of variance explained by the neuron index): "
+            f"{s.neuron_share:.3f}; layer share {s.layer_share:.3f}; shuffled null "
+            f"{s.null_mean:.3f} ± {s.null_std:.3f}; p = {s.p_value:.3g} "
+            f"({s.n_shuffles} shuffles)."
+        )
+    if dominant is not None:
+        page.figure(figures.dominant_bar(dominant))
+        page.table(dominant.table)
+    if outputs.per_token is not None:
+        page.heading("Where the IRM pushes hardest, token by token", "tokens")
+        page.raw(token_view(outputs))
+        if dominant is not None:
+            page.raw(token_view(outputs, neuron=dominant.top))
+
+
+def _dossier_section(page: _Page, dossier: NeuronDossier) -> None:
+    n = dossier.neuron
+    page.heading(f"Neuron {n}", "neuron")
+    page.table(dossier.summary_frame().reset_index().rename(columns={"index": "measure"}))
+    page.figure(figures.norm_ranks(dossier.norms, n))
+    page.figure(figures.magnitude_profile(dossier.magnitudes, n))
+    massive = dossier.magnitudes.massive()
+    page.para(f"Massive activations in this prompt set: {len(massive)} (layer, neuron) pairs.")
+    if len(massive):
+        page.table(massive, max_rows=30)
+    attr = dossier.attribution
+    page.para(f"Direct logit effect of neuron {n}: rank {attr.direct_effect_rank} of "
+              f"{len(attr.direct_effect)}. Tokens a push on it promotes / suppresses:")
+    page.table(pd.concat([attr.promoted.add_prefix("promoted_"),
+                          attr.suppressed.add_prefix("suppressed_")], axis=1))
+    if attr.components is not None:
+        page.para("The steered final residual decomposed: each component's direct logit "
+                  "effect along the steering's logit change, and the part through this neuron.")
+        page.table(attr.components, max_rows=20)
+    if dossier.patching is not None:
+        page.figure(figures.patching_by_layer(dossier.patching))
+        page.table(dossier.patching.summary())
+    page.figure(figures.ablation_against_random(dossier.ablation))
+    page.table(dossier.ablation.summary())
 
 
 def _steering_section(page: _Page, steering: SteeringComparison) -> None:

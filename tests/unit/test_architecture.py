@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("analysis.norms", "analysis.magnitudes", "analysis.outputs", "analysis.attribution",
      "analysis.patching", "analysis.ablation"),
     ("analysis.prediction", "analysis.dossier", "analysis"),
-    ("report.figures", "report.html", "report"),
+    ("report.figures", "report.summary", "report.html", "report"),
     ("investigate",),
     ("cli", "__main__"),
     ("",),  # the package itself: the public API re-exported

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import json
@@ -10,6 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import planted_irm
 from hypothesis import given, settings
@@ -79,6 +81,26 @@ def test_everything_from_text_is_escaped(report_path):
                 "<script>alert(1)</script>", "<b>run</b><script>x()"):
         assert raw not in text  # ... but never as markup
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in text
+
+
+def test_report_opens_with_its_findings_and_folds_the_configuration(report_path):
+    text = report_path.read_text()
+    box = text.index("<div class='findings' id='findings'>")
+    assert box < text.index("<h2 id=")  # before every section
+    for claim in ("steered (irm, greedy)", "steered (irm, sampled)", "stripes (one index",
+                  "dominant index", "special under ablation?"):
+        assert claim in text[box:text.index("</div>", box)]
+    assert text.index("<details><summary>Run configuration and data") > text.index("id='neuron'")
+
+
+def test_long_tables_are_capped_with_the_rest_downloadable():
+    from irm_lens.report.html import table_html
+
+    frame = pd.DataFrame(dict(x=range(30)))
+    html_text = table_html(frame, max_rows=10)
+    assert html_text.count("<tr>") == 10  # 10 rows shown (the header row is styled)
+    csv = html_text.split("base64,")[1].split("'")[0]
+    assert base64.b64decode(csv).decode() == frame.to_csv(index=False)
 
 
 def test_report_renders_the_results_it_is_given(report_path):
