@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from irm_lens import IRM
 from irm_lens.errors import ConfigError
-from irm_lens.evaluate import DegenerationThresholds, evaluate
-from irm_lens.scoring import distinct_n, identical_share, repetition_rate
+from irm_lens.evaluate import DegenerationThresholds, evaluate, measure
+from irm_lens.scoring import SCORE_COLUMNS, distinct_n, identical_share, repetition_rate
 
 
 def test_distinct_n_by_hand():
@@ -50,7 +51,6 @@ def test_evaluate_on_a_tiny_model(tiny_model):
     assert (samples.perplexity.dropna() > 1).all()
     assert list(result.lift.decoding) == ["greedy", "sampled"]
     row = result.lift.iloc[0]
-    assert row.ci_low <= row.lift <= row.ci_high
     greedy = samples[samples.decoding == "greedy"]
     by_hand = (greedy[greedy.irm == "on"].set_index("prompt").anger
                - greedy[greedy.irm == "off"].set_index("prompt").anger).mean()
@@ -72,14 +72,21 @@ def test_degenerate_lift_is_called_a_failure(tiny_model, monkeypatch):
         return [dataclasses.replace(c, text="I hate this, I hate this, I hate this!") for c in out]
 
     monkeypatch.setattr(ev, "generate_continuations", fake)
+    real_scores = ev.emotion_scores
+
+    def planted_scores(texts):  # the angry string scores 0.9, everything else 0.1
+        frame = real_scores(texts)
+        frame["anger"] = [0.9 if "I hate this" in t else 0.1 for t in texts]
+        return frame
+
+    monkeypatch.setattr(ev, "emotion_scores", planted_scores)
     irm = IRM.for_model(tiny_model, layers=[0], preset="linear")
     result = evaluate(tiny_model, irm, "anger", PROMPTS, max_new_tokens=6, n_sampled=0,
                       n_bootstrap=200, progress=False)
     row = result.lift.iloc[0]
-    assert row.lift > 0 and not row.fluent and result.degenerate
-    assert row.identical_increase == 1.0
-    assert ("FAILED" if row.ci_low > 0 else "no measurable lift") in result.verdict
-    assert "aligned" not in result.verdict
+    assert row.lift == pytest.approx(0.8) and row.ci_low == pytest.approx(0.8)
+    assert not row.fluent and result.degenerate and row.identical_increase == 1.0
+    assert "FAILED: the lift comes with degenerate text" in result.verdict
 
 
 def test_first_prompt_starts_further_into_the_held_out_prompts(tiny_model):
@@ -100,5 +107,42 @@ def test_unknown_alignment(tiny_model):
         evaluate(tiny_model, IRM.for_model(tiny_model, layers=[0]), "rage", PROMPTS)
 
 
-def test_thresholds_are_configurable():
-    assert DegenerationThresholds(min_distinct2_ratio=0.5).min_distinct2_ratio == 0.5
+def _planted_samples(lifts, *, repeat_on: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Samples with known per-prompt anger (off 0.1, on 0.1 + lift); texts all distinct, or
+    the steered ones half repeated (``repeat_on``)."""
+    n = len(lifts)
+
+    def frame(anger, texts):
+        return pd.DataFrame(dict(prompt=[f"q{i}" for i in range(n)], decoding="greedy", sample=0,
+                                 text=texts, n_tokens=6, perplexity=2.0, repetition=0.0,
+                                 **{c: 0.0 for c in SCORE_COLUMNS if c != "anger"}, anger=anger))
+
+    words = [f"w{i}a w{i}b w{i}c w{i}d" for i in range(n)]
+    steered = [f"w{i % (n // 2)}a w{i % (n // 2)}b x{i}" for i in range(n)] if repeat_on \
+        else [f"v{i}a v{i}b v{i}c v{i}d" for i in range(n)]
+    return (frame([0.1] * n, words).assign(irm="off"),
+            frame([0.1 + d for d in lifts], steered).assign(irm="on"))
+
+
+def test_lift_and_ci_against_a_planted_effect():
+    rng = np.random.default_rng(1)
+    lifts = rng.normal(0.05, 0.02, size=160)
+    off, on = _planted_samples(lifts)
+    row = measure(off, on, "anger", n_bootstrap=4000).lift.iloc[0]
+    assert row.lift == pytest.approx(lifts.mean())
+    half_width = 1.96 * lifts.std(ddof=1) / np.sqrt(len(lifts))  # normal theory: ~0.003
+    assert row.ci_low == pytest.approx(lifts.mean() - half_width, abs=0.15 * half_width)
+    assert row.ci_high == pytest.approx(lifts.mean() + half_width, abs=0.15 * half_width)
+    none = measure(*_planted_samples(rng.normal(0.0, 0.02, size=160)), "anger").lift.iloc[0]
+    assert none.ci_low < 0 < none.ci_high
+
+
+def test_thresholds_decide_the_verdict():
+    off, on = _planted_samples(np.full(40, 0.05), repeat_on=True)
+    strict = measure(off, on, "anger")
+    ratio = strict.lift.iloc[0].distinct2_ratio
+    assert 0.5 < ratio < 0.8  # the steered texts share half their bigrams
+    assert not strict.lift.iloc[0].fluent and "aligned" not in strict.verdict
+    lenient = measure(off, on, "anger", thresholds=DegenerationThresholds(min_distinct2_ratio=0.5))
+    assert lenient.lift.iloc[0].fluent and "greedy: anger lift +0.050" in lenient.verdict
+    assert "aligned" in lenient.verdict
