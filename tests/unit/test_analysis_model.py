@@ -3,6 +3,9 @@ models, each against a hand computation or a property known by construction."""
 
 from __future__ import annotations
 
+import contextlib
+
+import pandas as pd
 import pytest
 import torch
 from conftest import PROMPTS, planted_irm
@@ -198,23 +201,26 @@ def test_ablation_entered_before_inject_still_removes_the_irms_push(tiny_model):
     assert (ablated[:, K] == 0).all()
 
 
-def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
-    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
-    data = tokenize_texts(tiny_model, PROMPTS, max_length=64)
-
-    def loss() -> float:
-        total, count = 0.0, 0.0
+def _hand_loss(model, texts, *contexts) -> float:
+    """Token-weighted mean loss of ``texts``, one text at a time, inside ``contexts``."""
+    data = tokenize_texts(model, texts, max_length=64)
+    total, count = 0.0, 0.0
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
         for i in range(len(data)):
             n = int(data.attention_mask[i].sum())
             ids, mask = data.input_ids[i : i + 1, :n], data.loss_mask[i : i + 1, :n]
             w = float(mask[:, 1:].sum())
-            total += float(masked_lm_loss(tiny_model(ids), ids, mask)) * w
+            total += float(masked_lm_loss(model(ids), ids, mask)) * w
             count += w
-        return total / count
+    return total / count
 
-    clean = loss()
-    with irm_lens.ablate(tiny_model, K):
-        ablated = loss()
+
+def test_measured_ablation_matches_a_hand_computed_loss(tiny_model):
+    result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, n_random=3, progress=False)
+    clean = _hand_loss(tiny_model, PROMPTS)
+    ablated = _hand_loss(tiny_model, PROMPTS, irm_lens.ablate(tiny_model, K))
     target = result.table.iloc[0]
     assert target["kind"] == "target" and target["index"] == K
     assert result.baseline["loss"] == pytest.approx(clean, rel=1e-5)
@@ -227,8 +233,16 @@ def test_measured_ablation_under_an_irm_reports_the_gain_undone(tiny_model):
     irm = planted_irm(tiny_model, K)
     result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, irm=irm, n_random=2,
                                        progress=False)
-    assert {"irm_loss", "irm_delta_loss", "irm_gain_undone"} <= set(result.table)
-    assert "irm_loss" in result.baseline
+    clean = _hand_loss(tiny_model, PROMPTS)
+    steered = _hand_loss(tiny_model, PROMPTS, irm_lens.inject(tiny_model, irm))
+    both = _hand_loss(tiny_model, PROMPTS, irm_lens.inject(tiny_model, irm),
+                      irm_lens.ablate(tiny_model, K))
+    target = result.table.iloc[0]
+    assert result.baseline["irm_loss"] == pytest.approx(steered, rel=1e-5)
+    assert target["irm_loss"] == pytest.approx(both, rel=1e-5)
+    assert target["irm_delta_loss"] == pytest.approx(both - steered, rel=1e-4, abs=1e-6)
+    assert target["irm_gain_undone"] == pytest.approx((both - steered) / (clean - steered),
+                                                      rel=1e-3)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -254,14 +268,32 @@ def test_striation_score_ignores_scale_and_shift(seed, scale, shift):
 
 
 def test_measured_ablation_scores_the_emotion_of_steered_generations(tiny_model, monkeypatch):
+    from irm_lens.analysis import ablation as ablation_module
+    from irm_lens.generation import generate_continuations
+
+    def planted_scores(texts):  # a deterministic "anger" of each text, read off its letters
+        return pd.DataFrame({"anger": [sum(map(ord, t)) % 97 / 97 for t in texts]})
+
+    monkeypatch.setattr(ablation_module, "emotion_scores", planted_scores)
     irm = planted_irm(tiny_model, K)
     result = irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, irm=irm, alignment="anger",
                                        n_random=2, generate=True, n_prompts=3, max_new_tokens=4,
                                        progress=False)
-    assert {"emotion", "delta_emotion"} <= set(result.table)
-    assert {"emotion", "emotion_unsteered"} <= set(result.baseline)
-    row = result.table.iloc[0]
-    assert row["delta_emotion"] == pytest.approx(row["emotion"] - result.baseline["emotion"])
+    prompts = irm_lens.neutral_prompts(3)
+
+    def anger(*contexts) -> float:  # the same generations, by hand
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            conts = generate_continuations(tiny_model, prompts, intervention=irm,
+                                           max_new_tokens=4, seed=0)
+        return float(planted_scores([c.text for c in conts])["anger"].mean())
+
+    assert result.baseline["emotion"] == pytest.approx(anger())
+    for row in result.table.itertuples():
+        expected = anger(irm_lens.ablate(tiny_model, row.index))
+        assert row.emotion == pytest.approx(expected)
+        assert row.delta_emotion == pytest.approx(expected - anger())
     assert "delta_emotion" in set(result.summary()["measure"])
     with pytest.raises(irm_lens.ConfigError, match="generate=True needs"):
         irm_lens.measure_ablation(tiny_model, K, texts=PROMPTS, generate=True)
