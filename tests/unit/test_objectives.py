@@ -45,6 +45,22 @@ def test_sequence_logprobs_sum_the_scored_tokens(tiny_model):
         assert got[row].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_lm_objective_on_chat_examples_scores_only_the_replies(chat_model):
+    examples = [(q, chosen) for q, chosen, _ in PAIRS[:3]]
+    objective = build_objective(chat_model, examples, objective="lm", max_length=64)
+    batch = objective.batch(torch.arange(3))
+    with torch.no_grad():
+        loss = objective.loss(chat_model(batch.ids), batch)
+    tok = chat_model.tokenizer
+    from irm_lens.chat import end_of_turn
+
+    n_reply = sum(len(tok(r + end_of_turn(chat_model), add_special_tokens=False)["input_ids"])
+                  for _, r in examples)
+    with torch.no_grad():
+        by_hand = -sum(_reply_logprob(chat_model, q, r) for q, r in examples) / n_reply
+    assert loss.item() == pytest.approx(by_hand, rel=1e-4)  # the prompts are not scored
+
+
 def test_preference_loss_matches_dpo_by_hand(chat_model):
     pairs = PAIRS[:3]
     objective = PreferenceObjective(chat_model, pairs, max_length=64, beta=0.5, chosen_lm=0.0)
