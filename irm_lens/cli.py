@@ -19,7 +19,7 @@ from irm_lens.analysis.dossier import explain
 from irm_lens.analysis.outputs import collect_irm_outputs, compare_runs, dominant_neurons
 from irm_lens.analysis.prediction import predict_dominant, validate_prediction
 from irm_lens.compare import compare_steering
-from irm_lens.data.corpora import BUILTIN_ALIGNMENTS
+from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, neutral_prompts
 from irm_lens.data.dataset import load_texts
 from irm_lens.data.synthetic import SYNTHETIC_METHODS, generate_synthetic, read_synthetic
 from irm_lens.errors import ConfigError, IRMLensError
@@ -472,8 +472,12 @@ def _cmd_vector(args: argparse.Namespace) -> int:
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
     model = _load(args)
+    if args.first_prompt < 0:
+        raise ConfigError(f"--first-prompt must be >= 0, got {args.first_prompt}.")
+    first = args.first_prompt
+    questions = neutral_prompts(split="train")[first : first + args.n_prompts]
     table = generate_pairs(
-        model, _intervention(args, model), args.alignment, args.out, n_prompts=args.n_prompts,
+        model, _intervention(args, model), args.alignment, args.out, prompts=questions,
         n_sampled=args.n_sampled, max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
     print(f"{int(table.kept.sum())} pairs kept of {len(table)} questions in {args.out}; train "
@@ -542,6 +546,8 @@ def _add_steering_parsers(sub) -> None:
     _add_intervention_args(pa)
     pa.add_argument("--alignment", required=True)
     pa.add_argument("--n-prompts", type=int, default=300, help="training questions to answer")
+    pa.add_argument("--first-prompt", type=int, default=0,
+                    help="start this far into the training questions (extend an earlier file)")
     pa.add_argument("--n-sampled", type=int, default=2, help="sampled candidates per question")
     pa.add_argument("--max-new-tokens", type=int, default=40)
     pa.add_argument("--seed", type=int, default=0)

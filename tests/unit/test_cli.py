@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from irm_lens import IRM
@@ -206,3 +207,24 @@ def test_train_runs_a_named_recipe_and_refuses_to_drop_options(tiny_llama_dir, t
     assert main(["train", *model_args, "--data", "x.csv", "--recipe", "paper",
                  "--out", str(tmp_path / "y")]) == 2
     assert "built-in --alignment" in capsys.readouterr().err
+
+
+def test_pairs_answers_the_chosen_slice_of_training_questions(tiny_llama_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    from irm_lens import cli
+    from irm_lens.data.corpora import neutral_prompts
+
+    seen = {}
+
+    def fake(model, intervention, alignment, out, *, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return pd.DataFrame(dict(kept=[True] * len(prompts)))
+
+    monkeypatch.setattr(cli, "generate_pairs", fake)
+    args = ["pairs", "--model", str(tiny_llama_dir), "--device", "cpu", "--prompting",
+            "--alignment", "anger", "--n-prompts", "3", "--first-prompt", "5",
+            "--out", str(tmp_path / "p.jsonl")]
+    assert main(args) == 0
+    assert seen["prompts"] == neutral_prompts(split="train")[5:8]
+    assert main([*args[:-4], "--first-prompt", "-1", "--out", str(tmp_path / "q.jsonl")]) == 2
+    assert "--first-prompt must be >= 0" in capsys.readouterr().err
