@@ -20,6 +20,9 @@ pytestmark = pytest.mark.embedded
 
 def test_there_are_notebooks():
     assert NOTEBOOKS
+    sources = {p.name: p.read_text() for p in NOTEBOOKS}
+    for name in ("02_training.ipynb", "03_case_of_the_dominant_neuron.ipynb"):
+        assert "figures." in sources[name]  # the notebooks show the analyses' figures
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -41,3 +44,9 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
         for out in cell.get("outputs", []) if out.get("output_type") == "error"
     ]
     assert not errors
+    # Every cell that draws a figure shows it inline (plotly's own MIME type).
+    drawing = [cell for cell in notebook.cells
+               if cell.cell_type == "code" and "figures." in cell.source]
+    for cell in drawing:
+        assert any("application/vnd.plotly.v1+json" in out.get("data", {})
+                   for out in cell.get("outputs", [])), cell.source
