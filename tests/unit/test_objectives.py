@@ -197,15 +197,16 @@ def test_recipe_pairs_are_written_at_the_recipes_pairs_scale(tiny_model, tmp_pat
     seen = {}
 
     def fake_generate_pairs(model, intervention, alignment, out, **kwargs):
-        seen["scale"] = intervention.config.scale
+        seen["scale"], seen["n_sampled"] = intervention.config.scale, kwargs["n_sampled"]
         irm_lens.pairs.write_pairs(pd.DataFrame([dict(
             prompt="Q?", chosen="I hate this question.", rejected="Fine.", kept=True,
             degenerate="")]), out, alignment)
 
     monkeypatch.setattr(recipes, "generate_pairs", fake_generate_pairs)
     vector = irm_lens.mean_difference_vector(tiny_model, ["I hate it"], ["It is a cup"], layers=2,
-                                             scale=4.0)
+                                             scale=2.0)
     recipe = recipes.RECIPES["preference"]
     pairs = recipes.recipe_pairs(tiny_model, "anger", vector, recipe, tmp_path, progress=False)
-    assert seen["scale"] == recipe.pairs_scale == 5.0  # the recipe's scale, not 5 / 4
+    assert seen["scale"] == recipe.pairs_scale == 4.0  # the recipe's scale itself
+    assert seen["n_sampled"] == recipe.pairs_sampled == 3
     assert len(pairs) == 1
