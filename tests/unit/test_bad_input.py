@@ -32,6 +32,14 @@ def files(tiny_llama_dir, tmp_path_factory):
     (d / "ok.csv").write_text("text\n" + "\n".join(f"row {i} of some text" for i in range(40)))
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(d / "gpt2")
     (d / "a_file").write_text("not a directory")
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    save_file({"weight": torch.zeros(2)}, str(d / "foreign.safetensors"))
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=260, attention_bias=True).save_pretrained(d / "biased")
+    (d / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    (d / "run_without_json").mkdir()
     return d
 
 
@@ -50,6 +58,13 @@ CASES = {
     "hub request offline": (["info", "--model", "meta-llama/Llama-2-7b-chat-hf"], "offline"),
     "unwritable output": (["generate", "--prompt", "Hi", "--max-new-tokens", "2",
                            "--out", "{d}/a_file/gen.json"], "a_file"),
+    "foreign checkpoint": (["explain", "--irm", "{d}/foreign.safetensors"],
+                           "not an irm_lens IRM checkpoint"),
+    "missing checkpoint": (["explain", "--irm", "{d}/nothing.safetensors"], "No IRM checkpoint"),
+    "Llama with biases": (["info", "--model", "{d}/biased"], "attention_bias"),
+    "corrupt GGUF": (["info", "--model", "{d}/broken.gguf"], "not a GGUF"),
+    "run directory without run.json": (["report", "--run", "{d}/run_without_json",
+                                        "--out", "{d}/r.html"], "No IRM checkpoint"),
 }
 
 
