@@ -23,6 +23,7 @@ def test_there_are_notebooks():
     sources = {p.name: p.read_text() for p in NOTEBOOKS}
     for name in ("02_training.ipynb", "03_case_of_the_dominant_neuron.ipynb"):
         assert "figures." in sources[name]  # the notebooks show the analyses' figures
+    assert "circuitsvis" in sources["03_case_of_the_dominant_neuron.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -50,3 +51,8 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     for cell in drawing:
         assert any("application/vnd.plotly.v1+json" in out.get("data", {})
                    for out in cell.get("outputs", [])), cell.source
+    # circuitsvis views render offline: their bundle inlined, nothing fetched from a CDN.
+    for cell in (c for c in notebook.cells if c.cell_type == "code" and "cv." in c.source):
+        html_out = [out["data"]["text/html"] for out in cell.get("outputs", [])
+                    if "text/html" in out.get("data", {})]
+        assert html_out and "unpkg.com" not in html_out[0], cell.source
