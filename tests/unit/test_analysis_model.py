@@ -205,7 +205,7 @@ def _hand_loss(model, texts, *contexts) -> float:
     """Token-weighted mean loss of ``texts``, one text at a time, inside ``contexts``."""
     data = tokenize_texts(model, texts, max_length=64)
     total, count = 0.0, 0.0
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, torch.no_grad():
         for context in contexts:
             stack.enter_context(context)
         for i in range(len(data)):
