@@ -41,7 +41,7 @@ def findings(
             claim="stripes (one index, every layer)",
             finding=f"striation score {s.neuron_share:.3f} vs shuffled null {s.null_mean:.3f} "
                     f"± {s.null_std:.3f}, p = {s.p_value:.3g}",
-            verdict="striated" if s.p_value < ALPHA else "no stripes beyond chance"))
+            verdict=_stripes_verdict(s)))
     if dominant is not None:
         top = dominant.table.iloc[0]
         uniform = f", {top['share'] * d_model:.1f}x a uniform share" if d_model else ""
@@ -65,25 +65,32 @@ def findings(
     return pd.DataFrame(rows, columns=["claim", "finding", "verdict"])
 
 
+def _stripes_verdict(s: StriationScore) -> str:
+    if s.p_value >= ALPHA:
+        return "no stripes beyond chance"
+    ratio = s.neuron_share / s.null_mean if s.null_mean > 0 else float("inf")
+    return "striated" if ratio >= 2 else f"barely striated (score {ratio:.1f}x the null)"
+
+
 def _steering_rows(steering: SteeringComparison, subject: str) -> list[dict[str, str]]:
     """Per decoding: the subject's best fluent point (else its best point) beside the best
-    fluent point of the other interventions."""
+    aligned point (fluent, CI above zero) of the other interventions."""
     table = steering.table
     rows = []
     for decoding, part in table.groupby("decoding", sort=False):
         own = part[part.intervention == subject]
-        others = part[(part.intervention != subject) & part.fluent]
+        others = part[(part.intervention != subject) & part.fluent & (part.ci_low > 0)]
         mine = own[own.fluent] if own.fluent.any() else own
         best = mine.sort_values("lift", ascending=False).iloc[0]
         finding = (f"{steering.alignment} {best.lift:+.3f} [{best.ci_low:+.3f}, "
                    f"{best.ci_high:+.3f}], perplexity ratio {best.perplexity_ratio:.1f}")
         if len(others):
             rival = others.sort_values("lift", ascending=False).iloc[0]
-            finding += f"; best fluent baseline {rival.intervention} {rival.lift:+.3f}"
+            finding += f"; best aligned baseline {rival.intervention} {rival.lift:+.3f}"
             beats = bool(best.fluent) and best.lift >= rival.lift
-            against = "at least the best fluent baseline" if beats else "below a fluent baseline"
+            against = "at least the best aligned baseline" if beats else "below an aligned baseline"
         else:
-            against = "no baseline is fluent"
+            against = "no baseline lifts fluently"
         rows.append(dict(claim=f"steered ({subject}, {decoding})", finding=finding,
                          verdict=f"{best.verdict}; {against}"))
     return rows

@@ -20,6 +20,7 @@ def _steering() -> irm_lens.SteeringComparison:
         ("irm", 1.0, "greedy", 0.05, 0.01, 0.09, 1.9, True, "aligned"),
         ("caa", 4.0, "greedy", 0.03, 0.01, 0.05, 2.5, True, "aligned"),
         ("caa", 8.0, "greedy", 0.20, 0.15, 0.25, 9.0, False, "degenerate"),
+        ("persona", 1.0, "greedy", 0.10, -0.02, 0.22, 1.0, True, "no lift"),  # fluent, no lift
         # sampled: the IRM (+0.02, fluent) is below CAA's fluent +0.06
         ("irm", 1.0, "sampled", 0.02, 0.005, 0.04, 1.5, True, "aligned"),
         ("caa", 4.0, "sampled", 0.06, 0.03, 0.09, 3.0, True, "aligned"),
@@ -32,15 +33,16 @@ def _steering() -> irm_lens.SteeringComparison:
 def test_steering_verdicts_compare_with_the_best_fluent_baseline():
     table = findings(steering=_steering()).set_index("claim")
     greedy, sampled = table.loc["steered (irm, greedy)"], table.loc["steered (irm, sampled)"]
-    assert greedy.verdict == "aligned; at least the best fluent baseline"
+    assert greedy.verdict == "aligned; at least the best aligned baseline"
     assert "anger +0.050 [+0.010, +0.090]" in greedy.finding and "caa +0.030" in greedy.finding
-    assert sampled.verdict == "aligned; below a fluent baseline"
+    assert sampled.verdict == "aligned; below an aligned baseline"
     assert "caa +0.060" in sampled.finding
 
 
 def test_stripes_dominance_and_ablation_verdicts():
     stripes = StriationScore(0.2, 0.1, 0.7, 0.03, 0.01, 0.004, 200, 4)
     flat = StriationScore(0.04, 0.1, 0.86, 0.03, 0.01, 0.30, 200, 4)
+    faint = StriationScore(0.027, 0.1, 0.873, 0.026, 0.0002, 0.005, 200, 4)
     dominant = DominantNeurons(pd.DataFrame(dict(rank=[1], neuron=[17], share=[0.05],
                                                  top1_frequency=[0.97])), 1, 100)
     ablation = AblationResult(17, "zero", (0, 1), pd.DataFrame(dict(
@@ -50,6 +52,7 @@ def test_stripes_dominance_and_ablation_verdicts():
     table = table.set_index("claim")
     assert table.loc["stripes (one index, every layer)", "verdict"] == "striated"
     assert findings(striation=flat).verdict.iloc[0] == "no stripes beyond chance"
+    assert findings(striation=faint).verdict.iloc[0] == "barely striated (score 1.0x the null)"
     top = table.loc["dominant index 17"]
     assert top.verdict == "stable top index" and "5.00% of the IRM's |output|, 3.2x" in top.finding
     special = table.loc["special under ablation?"]
