@@ -1,5 +1,5 @@
 """Progress output: a tqdm bar on a terminal; elsewhere (a log file, CI) one line when a stage
-starts, a line every ``interval`` seconds while it runs, and one when it ends.
+starts, a line every ``INTERVAL_S`` seconds while it runs, and one when it ends.
 
 Every long loop of the package reports through ``progress_bar``, so that ``irm-lens run > log``
 writes a readable log instead of thousands of bar redraws.
