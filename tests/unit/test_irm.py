@@ -120,7 +120,7 @@ def test_bf16_input_runs_the_matmuls_in_bf16_with_fp32_weights_and_grads():
     torch.testing.assert_close(low, reference, atol=0, rtol=0)
     assert not torch.equal(low, full.bfloat16())  # ... not computed in fp32 and cast
     # ... and within a few bf16 roundings (2**-8 relative each) of the fp32 outputs.
-    torch.testing.assert_close(low.float(), full, atol=4 * 2**-8 * float(full.abs().max()), rtol=0)
+    torch.testing.assert_close(low.float(), full, atol=4 * 2**-8 * float(full.detach().abs().max()), rtol=0)
     low.float().sum().backward()
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
                for p in irm.parameters())
