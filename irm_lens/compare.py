@@ -137,7 +137,8 @@ def compare_steering(
     points = [(name, scale) for name, intervention in interventions.items()
               for scale in _scales_of(name, intervention, scales)]
     rows, samples = [], [off.assign(intervention="unsteered", scale=0.0)]
-    for name, scale in progress_bar(points, desc="interventions", unit="point", disable=not progress):
+    bar = progress_bar(points, desc="interventions", unit="point", disable=not progress)
+    for name, scale in bar:
         on = generate_samples(model, interventions[name], prompts, decodings, scale=scale, **kwargs)
         result = measure(off, on, alignment, n_bootstrap=n_bootstrap, seed=seed,
                          thresholds=thresholds)

@@ -277,8 +277,8 @@ def _train(
     if math.isnan(state.baseline_val_loss):
         state.baseline_val_loss = _val_loss(model, None, loop.val_obj, config, ranks)
         _log(loop.writer, {"step": 0, "val_loss_no_irm": state.baseline_val_loss})
-    bar = progress_bar(total=loop.total_steps, initial=state.step, desc="training IRM", unit="step",
-               disable=not progress or not ranks.main)
+    bar = progress_bar(total=loop.total_steps, initial=state.step, desc="training IRM",
+                       unit="step", disable=not progress or not ranks.main)
     while state.step < loop.total_steps and not state.stop_reason:
         record = loop.step()
         if record is None:  # a non-finite loss: rolled back, stop_reason says so
@@ -321,6 +321,7 @@ class _Loop:
     eval_every: int
     provenance: dict[str, Any]
     run: _RunDir | None
+    rank_batch: int  # this rank's share of a batch
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)
     state: _LoopState = field(default_factory=_LoopState)
@@ -333,7 +334,6 @@ class _Loop:
             self.optimizer, step_size=self.config.lr_step_size or self.steps_per_epoch,
             gamma=self.config.lr_gamma,
         )
-        self.rank_batch = self.ranks.check_batch(self.config.batch_size)
 
     @cached_property
     def forward_irm(self):
@@ -347,7 +347,7 @@ class _Loop:
 
     @classmethod
     def prepare(cls, model, irm, data, config: TrainConfig, ranks: Ranks, out_dir: Path | None):
-        ranks.check_batch(config.batch_size)
+        rank_batch = ranks.check_batch(config.batch_size)  # before the (slow) tokenisation
         splits = _as_splits(data, config.seed)
         _check_steer(irm, config, splits)
         prompts = neutral_prompts(split="train") if config.chat_prompts else None
@@ -378,7 +378,7 @@ class _Loop:
         }
         return cls(model, irm, config, ranks, train_obj, val_obj, _fluency_texts(model, config),
                    steps_per_epoch, total_steps, config.eval_every or steps_per_epoch, provenance,
-                   _RunDir(out_dir) if out_dir is not None else None)
+                   _RunDir(out_dir) if out_dir is not None else None, rank_batch)
 
     def resume(self, resume: bool) -> None:
         """Continue the run directory's run, if it has one (checked to be the same run)."""

@@ -70,7 +70,8 @@ def score_conditions(
     kl = dict.fromkeys(names, 0.0)
     n_scored = 0.0
     device = model.cfg.device
-    bar = progress_bar(total=len(batches) * len(order), desc=desc, unit="pass", disable=not progress)
+    bar = progress_bar(total=len(batches) * len(order), desc=desc, unit="pass",
+                       disable=not progress)
     for ids, _, loss_mask in batches:
         ids = ids.to(device)
         weight = loss_mask[:, 1:].to(device=device, dtype=torch.float32)  # [batch, pos-1]

@@ -132,7 +132,8 @@ def activation_magnitudes(
     rows = [ids for ids, _ in steered_sequences(model, None, prompts, max_new_tokens=0, chat=chat)[0]]
     pad_id = model.tokenizer.pad_token_id or 0
     starts = range(0, len(rows), batch_size)
-    for start in progress_bar(starts, desc="activation magnitudes", unit="batch", disable=not progress):
+    bar = progress_bar(starts, desc="activation magnitudes", unit="batch", disable=not progress)
+    for start in bar:
         tokens, real, _ = right_pad(rows[start : start + batch_size], pad_id)
         real = real.bool()
         classes = _position_classes(model, tokens, real)

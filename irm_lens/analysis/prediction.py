@@ -225,7 +225,8 @@ def predict_dominant(
         return hook
 
     hooks = [(get_act_name("resid_post", layer), add_push(layer), False) for layer in range(n_layers)]
-    for ids, attention, loss_mask in progress_bar(batches, desc="gradient consistency", disable=not progress):
+    bar = progress_bar(batches, desc="gradient consistency", disable=not progress)
+    for ids, attention, loss_mask in bar:
         ids, real = ids.to(device), attention.bool().to(device)
         push.grad = None
         with torch.enable_grad(), permanent_hooks(model, hooks):

@@ -632,7 +632,8 @@ def _clean(rows: list[_Row], progress: bool) -> tuple[list[_Row], list[str], dic
     rows = [r for r in rows if r.label != "mixed"]
 
     stripped: Counter = Counter()
-    texts = [clean_text(r.text, stripped) for r in progress_bar(rows, "cleaning", disable=not progress)]
+    texts = [clean_text(r.text, stripped)
+             for r in progress_bar(rows, "cleaning", disable=not progress)]
     lengths = [n_words(t) for t in texts]
     removed["too_short"] = sum(n < MIN_WORDS for n in lengths)
     removed["too_long"] = sum(n > MAX_WORDS for n in lengths)
@@ -713,7 +714,8 @@ def _build(
     }
     per_alignment: dict[str, dict] = {}
     selected_texts: dict[str, tuple[str, ...]] = {}
-    for index, name in enumerate(progress_bar(BUILTIN_ALIGNMENTS, desc="selecting", disable=not progress)):
+    bar = progress_bar(BUILTIN_ALIGNMENTS, desc="selecting", disable=not progress)
+    for index, name in enumerate(bar):
         pool, selected, priority = _select(name, scores, labels)
         chosen = np.flatnonzero(selected)
         chosen = chosen[cap_topics([texts[i] for i in chosen], priority[chosen].tolist())]
