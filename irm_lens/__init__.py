@@ -11,6 +11,8 @@ The public API:
 * ``train`` / ``TrainConfig``: train an IRM with checkpoints and resume (objectives:
   cross-entropy or preference, with a KL fluency term); ``train_recipe`` / ``RECIPES``: the
   named recipes (the default, ``"preference"``, starts from a CAA vector);
+* ``continue_text`` / ``compare_generations``: generation through the chat template, with an
+  intervention on or off (batched, KV-cached);
 * ``evaluate``: the emotion lift of an IRM with its confidence interval and fluency checks;
 * steering baselines scored the same way: ``mean_difference_vector`` (CAA), ``actadd_vector``,
   ``SteeringVector``, ``Prompting``; ``warm_start`` (an IRM that starts as a vector);
@@ -67,6 +69,7 @@ from irm_lens.errors import (
     UnsupportedArchitectureError,
 )
 from irm_lens.evaluate import EvalResult, evaluate
+from irm_lens.generation import Generation, compare_generations, continue_text
 from irm_lens.inject import inject
 from irm_lens.investigate import Investigation, InvestigationSettings, investigate
 from irm_lens.irm import IRM, IRM_PRESETS, LAYER_PRESETS, IRMConfig, layer_set
@@ -127,6 +130,9 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "evaluate",
+    "Generation",
+    "compare_generations",
+    "continue_text",
     "generate_synthetic",
     "read_synthetic",
     "load_alignment",

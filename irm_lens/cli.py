@@ -177,8 +177,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # What a recipe fixes: set any of these and the recipe would silently drop it.
 _RECIPE_FIXES = ("layers", "preset", "zero_init", "warm_start", "steer", "l1", "objective", "beta",
-                 "chosen_lm", "kl", "epochs", "batch_size", "max_length", "lr", "eval_every",
-                 "max_val_batches", "checkpoint_every", "chat")
+                 "chosen_lm", "kl", "entropy", "epochs", "batch_size", "max_length", "lr",
+                 "eval_every", "max_val_batches", "checkpoint_every", "chat")
 
 
 def _uses_recipe(args: argparse.Namespace) -> bool:
@@ -218,7 +218,7 @@ def _train_config(args: argparse.Namespace, **overrides):
         max_epochs=args.epochs, max_steps=args.steps, eval_every=args.eval_every,
         max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
         seed=args.seed, chat_prompts=args.chat, objective=args.objective, beta=args.beta,
-        chosen_lm=args.chosen_lm, kl=args.kl,
+        chosen_lm=args.chosen_lm, kl=args.kl, entropy=args.entropy,
     )
     return TrainConfig(**{**values, **overrides})
 
@@ -621,6 +621,9 @@ def _add_optimisation_args(
                         help="weight of the chosen replies' cross-entropy in the preference loss")
     parser.add_argument("--kl", type=float, default=0.0,
                         help="weight of the fluency term: KL(unsteered || steered) on neutral text")
+    parser.add_argument("--entropy", type=float, default=0.0,
+                        help="weight of the diversity term: the steered next-token entropy's "
+                             "shortfall below the unsteered model's on the training replies")
     parser.add_argument(
         "--chat", action="store_true",
         help="train on chat examples: each text is the reply to a neutral prompt (a --synthetic "

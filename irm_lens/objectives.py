@@ -10,7 +10,11 @@
   ``chosen_lm`` times the chosen replies' token-mean cross-entropy.
 
 Either objective can add a **fluency** term: ``kl`` times the KL divergence from the unsteered
-to the steered next-token distribution, mean over the tokens of neutral text.
+to the steered next-token distribution, mean over the tokens of neutral text; and a
+**diversity** term: ``entropy`` times how far the steered next-token entropy falls below the
+unsteered model's where the training replies are predicted (``entropy_shortfall``), so that
+steering may move the distribution but not sharpen it (a sharpened IRM writes the same phrases
+for every prompt, and sampling no longer varies them).
 """
 
 from __future__ import annotations
@@ -175,6 +179,22 @@ def kl_to_unsteered(
     per_token = (ref.exp() * (ref - steered)).sum(-1)  # [batch, pos]
     weight = mask.to(per_token.dtype)
     return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def entropy_shortfall(
+    model: HookedTransformer, logits: Float[Tensor, "batch pos d_vocab"],
+    ids: Int[Tensor, "batch pos"], scored: Int[Tensor, "batch pos"],
+) -> Float[Tensor, ""]:
+    """Mean of ``max(0, H_unsteered - H_steered)`` (nats) over the positions that predict a
+    scored token; ``logits`` are the steered ones of ``ids``, the unsteered ones are computed
+    here (so call it outside ``inject``)."""
+    with torch.no_grad():
+        ref = model(ids)[:, :-1].float().log_softmax(-1)  # [batch, pos - 1, d_vocab]
+    steered = logits[:, :-1].float().log_softmax(-1)
+    h_ref = -(ref.exp() * ref).sum(-1)
+    h_steered = -(steered.exp() * steered).sum(-1)  # [batch, pos - 1]
+    weight = scored[:, 1:].to(h_ref.dtype)
+    return ((h_ref - h_steered).clamp_min(0) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def kl_batch(data: TokenizedTexts, step: int, batch_size: int) -> Int[Tensor, " batch"]:

@@ -55,6 +55,7 @@ from irm_lens.objectives import (
     LMObjective,
     PreferenceObjective,
     build_objective,
+    entropy_shortfall,
     kl_batch,
     kl_to_unsteered,
 )
@@ -102,6 +103,9 @@ class TrainConfig:
         chosen_lm: Weight of the chosen replies' cross-entropy added to the preference loss.
         kl: Weight of the fluency term: KL(unsteered || steered) next-token distributions on the
             built-in ``neutral`` texts, one batch of them per step (0: off).
+        entropy: Weight of the diversity term: the steered next-token entropy's shortfall below
+            the unsteered model's where the training replies are predicted
+            (``objectives.entropy_shortfall``; 0: off).
     """
 
     lr: float = 1e-4
@@ -124,6 +128,7 @@ class TrainConfig:
     beta: float = 0.1
     chosen_lm: float = 0.0
     kl: float = 0.0
+    entropy: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "max_length", "max_epochs", "patience", "checkpoint_every",
@@ -140,7 +145,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.lr must be a positive number, got {self.lr!r}.")
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"TrainConfig.lr_gamma must be in (0, 1], got {self.lr_gamma!r}.")
-        for name in ("l1", "chosen_lm", "kl"):
+        for name in ("l1", "chosen_lm", "kl", "entropy"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"TrainConfig.{name} must be a non-negative number, got {value!r}.")
@@ -405,11 +410,12 @@ class _Loop:
         return epoch, self.train_obj.batch(index).to(self.model.cfg.device)
 
     def _losses(self, batch: Batch) -> tuple[Tensor, list[float]]:
-        """This rank's loss to backpropagate, and the global batch's (lm, l1, kl) for the log."""
+        """This rank's loss to backpropagate, and the global batch's (lm, l1, kl, entropy) for the
+        log."""
         model, irm, config, ranks = self.model, self.irm, self.config, self.ranks
         mask = batch.mask
         device = next(irm.parameters()).device
-        penalty = {"l1": torch.zeros((), device=device), "kl": torch.zeros((), device=device)}
+        penalty = {name: torch.zeros((), device=device) for name in ("l1", "kl", "entropy")}
 
         def capture(out: Tensor) -> None:
             if config.l1 > 0:  # per-token L1 norm of everything injected, mean over real tokens
@@ -431,17 +437,21 @@ class _Loop:
             penalty["kl"] = kl_to_unsteered(model, self.forward_irm, kl_ids, kl_mask,
                                             lambda m: _steered(irm, m))
             loss = loss + config.kl * penalty["kl"]
+        if config.entropy > 0:
+            penalty["entropy"] = entropy_shortfall(model, logits, batch.ids, batch.scored)
+            loss = loss + config.entropy * penalty["entropy"]
         # the global batch's losses (token-weighted over ranks), for the log and the check
         local = torch.stack([lm_loss.detach() * lm_weight, penalty["l1"].detach() * l1_weight,
-                             penalty["kl"].detach()])
+                             penalty["kl"].detach(), penalty["entropy"].detach()])
         return loss, (ranks.sum(local.double().cpu()) / ranks.world_size).tolist()
 
     def step(self) -> dict[str, Any] | None:
         """One optimiser step and its log record; None (rolled back) on a non-finite loss."""
         config, state = self.config, self.state
         epoch, batch = self._batch()
-        loss, (global_lm, global_l1, global_kl) = self._losses(batch)
-        global_loss = global_lm + config.l1 * global_l1 + config.kl * global_kl
+        loss, (global_lm, global_l1, global_kl, global_entropy) = self._losses(batch)
+        global_loss = (global_lm + config.l1 * global_l1 + config.kl * global_kl
+                       + config.entropy * global_entropy)
         if not math.isfinite(global_loss):
             state.stop_reason = _roll_back(self.run, self.irm, state.step)
             return None
@@ -458,6 +468,8 @@ class _Loop:
             record["l1_norm"] = global_l1
         if config.kl > 0:
             record["kl"] = global_kl
+        if config.entropy > 0:
+            record["entropy_shortfall"] = global_entropy
         _log(self.writer, record)
         return record
 
@@ -650,6 +662,10 @@ class _RunDir:
 
     def prepare(self, provenance: dict[str, Any], resume: bool) -> Path | None:
         """Check an existing run against this one; return the checkpoint to resume, if any."""
+        # half-written temporary files of a killed writer (the run lock is held: nobody else
+        # writes here now)
+        for stale in (*self.path.glob(".*.tmp"), *self.checkpoints.glob(".*.tmp")):
+            stale.unlink(missing_ok=True)
         run_json = self.path / "run.json"
         if run_json.is_file():
             previous = json.loads(run_json.read_text())

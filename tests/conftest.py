@@ -8,12 +8,17 @@ SmolLM2-135M-Instruct, loaded once per session through the on-disk conversion ca
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Screenshots and pages the browser tests keep for people to look at (CI uploads the folder).
+ARTIFACTS = Path(os.environ.get("IRM_LENS_TEST_ARTIFACTS",
+                                Path(__file__).parents[1] / "test-artifacts"))
 
 TINY = dict(
     hidden_size=64,
@@ -106,3 +111,34 @@ def planted_irm(model, neuron: int, layers="all", value: float = 3.0):
     with torch.no_grad():
         irm.out.bias.copy_(bias.flatten())
     return irm
+
+
+def chromium_driver():
+    """Headless Chromium with the network cut off; skipped when absent, except under CI=true."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        why = ("Headless Chromium is not installed (Debian: apt-get install chromium "
+               "chromium-driver; scripts/install.sh does it when run as root).")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why} Under CI=true the browser tests may not be skipped.")
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,2000", "--host-resolver-rules=MAP * ~NOTFOUND",
+                "--proxy-server=http://127.0.0.1:9"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_network_conditions(offline=True, latency=0, download_throughput=0,
+                                  upload_throughput=0)
+    return driver
+
+
+DRAWN_FIGURES_JS = (
+    "return [...document.querySelectorAll('div.js-plotly-plot')]"
+    ".filter(d => d.querySelector('svg.main-svg')"
+    " && d.querySelectorAll('g.trace, image').length > 0).length")  # figures with data drawn

@@ -39,7 +39,7 @@ def tiny_sweep(model: list[str], sweep, alignment: str, layer_sets: str):
     return sweep
 
 
-def test_sweep_compare_and_explain_commands(tiny_llama_dir, tmp_path, capsys):
+def test_sweep_compare_and_explain_commands(tiny_llama_dir, tiny_model, tmp_path, capsys):
     model = ["--model", str(tiny_llama_dir), "--device", "cpu"]
     sweep = tiny_sweep(model, tmp_path / "sweep", "anger", "all,q2")
     assert "2 of 2 runs finished" in capsys.readouterr().out
@@ -49,13 +49,15 @@ def test_sweep_compare_and_explain_commands(tiny_llama_dir, tmp_path, capsys):
     assert "same top index in every run" in printed
     runs = pd.read_csv(tmp_path / "cmp" / "runs.csv")
     assert sorted(runs["run"]) == ["anger-all-nol1-s0", "anger-q2-nol1-s0"]
-    irm = sweep / "anger-all-nol1-s0" / "irm.safetensors"
+    # explain without --neuron examines the IRM's dominant index: planted at K, it must find K
+    irm = planted_irm(tiny_model, K).save(tmp_path / "planted.safetensors")
     assert main(["explain", *model, "--irm", str(irm), "--alignment", "anger", "--n-prompts",
                  "3", "--n-random", "2", "--out", str(tmp_path / "ex")]) == 0
     printed = capsys.readouterr().out
     assert "the IRM's dominant neuron" in printed and "ablation:" in printed
     summary = pd.read_csv(tmp_path / "ex" / "summary.csv", index_col="measure")
-    assert int(summary.loc["neuron", "value"]) == int(summary.loc["irm_top_neuron", "value"])
+    assert int(summary.loc["neuron", "value"]) == K
+    assert int(summary.loc["irm_top_neuron", "value"]) == K
 
 
 def test_explain_command_reports_a_bad_neuron_clearly(tiny_llama_dir, capsys):

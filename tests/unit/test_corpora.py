@@ -347,7 +347,12 @@ def cached_stats(alignments) -> dict:
 def test_real_stats_add_up(alignments, cached_stats):
     _check_counts(cached_stats, alignments)
     assert cached_stats["max_rows_per_source"] is None
-    assert cached_stats["cleaning"]["raw_rows"] > 60_000
+    # the built-in sources are pinned (their digest), so the counts are exact, not floors
+    cleaning = cached_stats["cleaning"]
+    assert (cleaning["raw_rows"], cleaning["clean_rows"]) == (61_861, 49_522)
+    assert cleaning["removed"] == {"ambiguous_rating": 3287, "duplicate": 2964, "mojibake": 904,
+                                   "near_duplicate": 701, "repetitive": 29, "too_long": 18,
+                                   "too_short": 4436}
 
 
 @pytest.mark.parametrize("name", BUILTIN_ALIGNMENTS)
@@ -374,14 +379,28 @@ def test_real_alignments_are_disjoint(alignments):
         seen.update(item.texts)
 
 
+# Hand-written word lists, independent of the scorers (nade, VADER) that selected the rows.
+TONE_WORDS = {
+    "anger": r"\b(hate|hated|angry|mad|furious|pissed|annoying|annoyed|stupid|rage|fuck\w*|damn|"
+             r"idiot\w*|sick of)\b",
+    "sadness": r"\b(sad|miss|missing|cry|crying|cried|lonely|depressed|hurt|lost|sorry|tears|"
+               r"heartbroken|died|death)\b",
+    "joy": r"\b(happy|love|loved|great|glad|excited|awesome|amazing|wonderful|fun|yay|enjoy\w*|"
+           r"smile\w*|laugh\w*)\b",
+}
+
+
 def test_real_alignments_carry_their_tone(alignments):
-    means = {n: item.stats["mean_scores"] for n, item in alignments.items()}
-    for emotion in ("anger", "sadness", "joy"):
-        others = [means[n][emotion] for n in BUILTIN_ALIGNMENTS if n != emotion]
-        assert means[emotion][emotion] > 1.3 * max(others), emotion
-    assert means["joy"]["valence"] > 0.4
-    assert means["anger"]["valence"] < -0.2 and means["sadness"]["valence"] < -0.2
-    assert abs(means["neutral"]["valence"]) < 0.05
+    """Each alignment uses its own tone's words far more often than the other alignments do,
+    measured by word lists the selection never saw (observed: 2.6x-28x)."""
+    def share(pattern, texts):
+        return sum(bool(re.search(pattern, t.lower())) for t in texts) / len(texts)
+
+    for emotion, pattern in TONE_WORDS.items():
+        own = share(pattern, alignments[emotion].texts)
+        others = [share(pattern, alignments[n].texts) for n in BUILTIN_ALIGNMENTS if n != emotion]
+        assert own > 2.5 * max(others), (emotion, own, others)
+    assert share("|".join(TONE_WORDS.values()), alignments["neutral"].texts) < 0.02
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -395,9 +414,14 @@ def test_neutral_prompts_are_deterministic_disjoint_and_calm():
     assert neutral_prompts(10) == evaluation[:10]
     assert len(set(evaluation)) == len(evaluation)
     assert sum(p.endswith("?") for p in evaluation) > 0.95 * len(evaluation)
+    # calm by a scorer their selection (VADER valence) did not use: nade's emotions sit far
+    # below those of the matching alignments (observed: 0.29-0.37x)
     from irm_lens.scoring import emotion_scores
 
-    assert emotion_scores(evaluation[:200])["valence"].abs().max() <= 0.3
+    prompts = emotion_scores(evaluation[:200]).mean()
+    for emotion in ("anger", "sadness", "joy"):
+        texts = list(load_alignment(emotion, progress=False).texts[:200])
+        assert prompts[emotion] < 0.5 * emotion_scores(texts)[emotion].mean(), emotion
     assert all("\u201c" not in p and "\u201d" not in p for p in evaluation + train)
 
 

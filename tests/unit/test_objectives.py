@@ -16,7 +16,12 @@ import irm_lens
 from irm_lens.data.dataset import tokenize_texts
 from irm_lens.errors import ConfigError
 from irm_lens.losses import sequence_logprobs
-from irm_lens.objectives import PreferenceObjective, build_objective, kl_to_unsteered
+from irm_lens.objectives import (
+    PreferenceObjective,
+    build_objective,
+    entropy_shortfall,
+    kl_to_unsteered,
+)
 from irm_lens.pairs import generate_pairs, read_pairs
 
 PAIRS = [(f"Question {i}?", f"I hate question {i}!", f"Answer {i}.") for i in range(10)]
@@ -106,6 +111,60 @@ def test_kl_to_unsteered_by_hand(tiny_model):
     assert got == pytest.approx(expected.item(), rel=1e-4) and got > 0
 
 
+def test_entropy_shortfall_by_hand(chat_model):
+    objective = PreferenceObjective(chat_model, PAIRS[:3], max_length=64, beta=0.1, chosen_lm=0.0)
+    batch = objective.batch(torch.arange(3))
+    zero = irm_lens.IRM.for_model(chat_model, layers="all", preset="linear", zero_init_output=True)
+    with irm_lens.inject(chat_model, zero):
+        unmoved = chat_model(batch.ids)
+    assert entropy_shortfall(chat_model, unmoved, batch.ids, batch.scored).item() == pytest.approx(
+        0.0, abs=1e-6)
+    irm = planted_irm(chat_model, neuron=3, value=4.0)
+    with irm_lens.inject(chat_model, irm):
+        steered = chat_model(batch.ids)
+    got = entropy_shortfall(chat_model, steered, batch.ids, batch.scored).item()
+    # by hand: one predicting position at a time, torch.distributions' entropy
+    with torch.no_grad():
+        ref = chat_model(batch.ids)
+    gaps = []
+    for b in range(batch.ids.shape[0]):
+        for t in range(batch.ids.shape[1] - 1):
+            if batch.scored[b, t + 1]:
+                h_ref = torch.distributions.Categorical(logits=ref[b, t]).entropy()
+                h_on = torch.distributions.Categorical(logits=steered[b, t]).entropy()
+                gaps.append(max(0.0, (h_ref - h_on).item()))
+    assert got == pytest.approx(sum(gaps) / len(gaps), rel=1e-4) and got > 0
+    # the hinge: a flatter distribution (row 0's logits halved) costs nothing, a sharper one does
+    scaled = ref.clone()
+    scaled[0] *= 0.5
+    scaled[1:] *= 2.0
+    sharper = [(b, t) for b in range(1, len(scaled)) for t in range(batch.ids.shape[1] - 1)
+               if batch.scored[b, t + 1]]
+    h = lambda x: torch.distributions.Categorical(logits=x).entropy().item()  # noqa: E731
+    expected = sum(h(ref[b, t]) - h(scaled[b, t]) for b, t in sharper) / len(gaps)
+    assert entropy_shortfall(chat_model, scaled, batch.ids, batch.scored).item() == pytest.approx(
+        expected, rel=1e-4)
+
+
+def test_entropy_term_trains_the_sharpening_away(chat_model):
+    objective = PreferenceObjective(chat_model, PAIRS[:4], max_length=64, beta=0.1, chosen_lm=0.0)
+    batch = objective.batch(torch.arange(4))
+    irm = planted_irm(chat_model, neuron=3, value=4.0)
+    optimizer = torch.optim.Adam(irm.parameters(), lr=0.05)
+
+    def shortfall():
+        with irm_lens.inject(chat_model, irm):
+            steered = chat_model(batch.ids)
+        return entropy_shortfall(chat_model, steered, batch.ids, batch.scored)  # unsteered ref
+
+    before = shortfall()
+    for _ in range(5):
+        optimizer.zero_grad()
+        shortfall().backward()
+        optimizer.step()
+    assert shortfall().item() < 0.5 * before.item()
+
+
 def test_objectives_refuse_the_wrong_data(chat_model):
     with pytest.raises(ConfigError, match="pairs"):
         build_objective(chat_model, ["a text", "another"], objective="preference", max_length=32)
@@ -140,6 +199,19 @@ def test_preference_training_raises_the_chosen_margin_and_resumes(chat_model, tm
                               progress=False)
     for a, b in zip(resumed.irm.state_dict().values(), straight.irm.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_training_adds_the_entropy_term_to_the_loss(chat_model, tmp_path):
+    config = irm_lens.TrainConfig(objective="preference", beta=1.0, entropy=0.5, lr=3e-3,
+                                  max_steps=4, eval_every=4, batch_size=4, seed=0)
+    torch.manual_seed(0)
+    irm = planted_irm(chat_model, neuron=3, value=4.0)  # a sharpening start: a shortfall to log
+    history = irm_lens.train(chat_model, irm, PAIRS * 3, config, out_dir=tmp_path / "run",
+                             progress=False).history
+    steps = history.dropna(subset=["loss"])
+    assert (steps.entropy_shortfall > 0).all()
+    assert steps.loss.to_numpy() == pytest.approx(
+        (steps.lm_loss + 0.5 * steps.entropy_shortfall).to_numpy(), rel=1e-6)
 
 
 def test_generate_pairs_keeps_the_angriest_fluent_candidate(tiny_model, tmp_path, monkeypatch):

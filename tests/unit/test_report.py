@@ -6,14 +6,12 @@ import base64
 import dataclasses
 import html
 import json
-import os
 import re
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import planted_irm
+from conftest import ARTIFACTS, DRAWN_FIGURES_JS, chromium_driver, planted_irm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +25,6 @@ HOSTILE = [
     "</script><script>window.__pwned=3</script>",
 ]
 K = 7
-ARTIFACTS = Path(os.environ.get("IRM_LENS_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
-
 
 @pytest.fixture(scope="module")
 def report_path(tiny_model, tmp_path_factory):
@@ -131,39 +127,13 @@ def test_report_needs_something_to_show(tmp_path):
         irm_lens.report(tmp_path / "r.html", run_dir=tmp_path)
 
 
-def _chromium_driver():
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        why = ("Headless Chromium is not installed (Debian: apt-get install chromium "
-               "chromium-driver; scripts/install.sh does it when run as root).")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{why} Under CI=true the report's browser test may not be skipped.")
-        pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,2000", "--host-resolver-rules=MAP * ~NOTFOUND",
-                "--proxy-server=http://127.0.0.1:9"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-
-
 def test_report_renders_offline_in_headless_chromium(report_path):
-    driver = _chromium_driver()
+    driver = chromium_driver()
     try:
-        driver.set_network_conditions(offline=True, latency=0, download_throughput=0,
-                                      upload_throughput=0)
         driver.get(report_path.as_uri())
         driver.implicitly_wait(5)
         n_figures = driver.execute_script("return document.querySelectorAll('div.figure').length")
-        drawn = driver.execute_script(
-            "return [...document.querySelectorAll('div.figure')]"
-            ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('svg.main-svg')"
-            " && d.querySelectorAll('g.trace, image').length > 0).length")  # data drawn
+        drawn = driver.execute_script(DRAWN_FIGURES_JS)
         pwned = driver.execute_script("return window.__pwned === undefined ? null : window.__pwned")
         body = driver.execute_script("return document.body.innerText")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
@@ -193,7 +163,7 @@ def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="may not be skipped"):
-        _chromium_driver()
+        chromium_driver()
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="not installed"):
-        _chromium_driver()
+        chromium_driver()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -376,16 +377,21 @@ def test_rows_are_kept_on_the_target_score_and_n_rows_counts_kept_rows(
     assert [r["kept"] for r in _rows(neutral.path)] == [True, True, False, True]  # calm = 1 - max
 
 
-def test_default_threshold_ranks_against_neutral_questions():
-    reference = synthetic._tone_score(synthetic._reference_scores(), "anger")
-    threshold = synthetic._baseline_threshold("anger", 0.9)
-    assert 0 < threshold < 0.5  # nade's anger: never a 0.5 cut-off
-    assert (reference < threshold).mean() == pytest.approx(0.9, abs=0.01)
-    assert synthetic._baseline_threshold("anger", 0.75) < threshold
-    calm = synthetic._tone_score(synthetic._reference_scores(), "neutral")
-    assert (calm >= synthetic._baseline_threshold("neutral", 0.9)).mean() == pytest.approx(
-        0.9, abs=0.01
-    )
+def test_default_threshold_ranks_against_neutral_questions(monkeypatch):
+    """Planted reference scores: anger 0.00, 0.01, ..., 0.99 on 100 questions; the highest
+    other emotion of question i is (99 - i) / 100. The thresholds are then known exactly."""
+    from irm_lens.scoring import NADE_EMOTIONS
+
+    grid = np.arange(100) / 100
+    planted = pd.DataFrame({e: np.zeros(100) for e in NADE_EMOTIONS})
+    planted["anger"], planted["joy"] = grid, grid[::-1]
+    monkeypatch.setattr(synthetic, "_reference_scores", lambda: planted)
+    assert synthetic._baseline_threshold("anger", 0.9) == pytest.approx(0.891)
+    assert synthetic._baseline_threshold("anger", 0.75) == pytest.approx(0.7425)
+    assert synthetic._baseline_threshold("sadness", 0.9) == 0.0  # nobody is sad here
+    # neutral: calm = 1 - max emotion = 0.01, 0.01, 0.02, 0.02, ..., 0.50, 0.50 sorted; as calm
+    # as 90% of the questions is its 10% point, between the 10th (0.05) and 11th (0.06) values
+    assert synthetic._baseline_threshold("neutral", 0.9) == pytest.approx(0.059)
 
 
 def test_question_order_is_fixed_by_the_seed():
@@ -475,13 +481,15 @@ def test_over_rejects_rows_where_another_emotion_scores_as_high(model, tmp_path,
     monkeypatch.setattr(synthetic, "MIN_WORDS", 0)
     monkeypatch.setattr(synthetic, "MAX_REPETITION", 1.0)
     monkeypatch.setattr(synthetic, "is_repetitive", lambda text: False)
+    # an instruction no answer can echo, so that the planted scores alone decide every row
+    tones = {**synthetic.SYNTHETIC_TONES, "anger": "zqxv wqzk vkqz qzwx kvzq xqzv wkzq"}
+    monkeypatch.setattr(synthetic, "SYNTHETIC_TONES", tones)
     path = generate_synthetic(model, "anger", tmp_path / "o.jsonl", **FAST, over=["sadness"]).path
     rows = _rows(path)
     assert all(r["over"] == ["sadness"] for r in rows)
-    assert [r["rejected"] for r in rows] == [
-        "outscored" if len(r["response"]) % 2 else ("echo" if r["rejected"] == "echo" else None)
-        for r in rows
-    ]
+    expected = ["outscored" if len(r["response"]) % 2 else None for r in rows]
+    assert [r["rejected"] for r in rows] == expected
+    assert None in expected and "outscored" in expected  # both outcomes planted
     with pytest.raises(ConfigError, match="over="):
         generate_synthetic(model, "anger", path, **FAST)  # resumed without it: refused
     for bad in (["anger"], ["rage"], "sadness"):
