@@ -16,7 +16,7 @@ import math
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args
 
@@ -348,6 +348,12 @@ class IRM(nn.Module):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         metadata = {"irm_lens_format": _FORMAT_VERSION, "config": json.dumps(self.config.to_dict())}
         return atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def with_output_scale(self, scale: float) -> IRM:
+        """A copy with the same weights whose outputs are multiplied by ``scale`` (a dose)."""
+        dosed = IRM(replace(self.config, output_scale=float(scale)))
+        dosed.load_state_dict(self.state_dict())
+        return dosed.to(next(self.parameters()).device)
 
     @classmethod
     def load(

@@ -45,6 +45,9 @@ class Recipe:
             pairs, and its sampled candidates per question (at 4, 40-49% of the embedded
             model's questions kept a pair; at 5, 16%).
         degenerate_pairs: Also train on (question, chosen, degenerate steered reply) pairs.
+        dose: The trained IRM's ``output_scale``: below 1 it trades lift for diversity (chosen
+            on training questions no pair asked, ``scripts/dose_tuning.py``). The IRM the
+            recipe returns, and saves as the run's ``irm.safetensors``, carries it.
         train: The optimisation settings (``max_steps`` is the recipe's length).
     """
 
@@ -56,6 +59,7 @@ class Recipe:
     pairs_scale: float = 4.0
     pairs_sampled: int = 3
     degenerate_pairs: bool = True
+    dose: float = 1.0
     train: TrainConfig = TrainConfig()
 
 
@@ -144,4 +148,10 @@ def train_recipe(
             else recipe_pairs(model, alignment, vector, recipe, out, progress)
     else:
         data = alignment
-    return train(model, irm, data, config, out_dir=out, progress=progress)
+    result = train(model, irm, data, config, out_dir=out, progress=progress)
+    if recipe.dose == 1.0:
+        return result
+    dosed = result.irm.with_output_scale(recipe.dose)
+    if result.out_dir is not None:
+        dosed.save(result.out_dir / "irm.safetensors")
+    return replace(result, irm=dosed)

@@ -45,28 +45,31 @@ def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:
 
 def _measure_set(model, interventions: dict, scales: dict, args, first: int, where: Path
                  ) -> pd.DataFrame:
-    """Every intervention on one prompt set; each one's rows and samples are saved as it is
-    measured (``where/<name>.parquet``), the unsteered samples once, and reused on a rerun."""
+    """Every intervention at every scale on one prompt set. Each point's rows and samples are
+    saved as it is measured (``where/<name>@<scale>.parquet``), the unsteered samples once, and
+    reused on a rerun, so that adding a scale or an intervention measures only what is new."""
     where.mkdir(parents=True, exist_ok=True)
     kwargs = dict(n_prompts=args.n_prompts, first_prompt=first, max_new_tokens=args.max_new_tokens)
     unsteered = where / "unsteered.parquet"
     tables, samples = [], []
     for name, intervention in interventions.items():
-        done = where / f"{name}.parquet"
-        if not done.exists():
-            start = time.perf_counter()
-            off = pd.read_parquet(unsteered) if unsteered.exists() else None
-            result = irm_lens.compare_steering(model, {name: intervention}, args.alignment,
-                                               scales=scales, unsteered=off, progress=False,
-                                               **kwargs)
-            if off is None:
-                result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered)
-            result.samples[result.samples.intervention == name].to_parquet(where / f"{name}.samples.parquet")
-            result.table.to_parquet(done)
-            print(f"{where.name} (prompts {first}-{first + args.n_prompts - 1}): {name} measured "
-                  f"in {time.perf_counter() - start:.0f} s", flush=True)
-        tables.append(pd.read_parquet(done))
-        samples.append(pd.read_parquet(where / f"{name}.samples.parquet"))
+        for scale in [1.0] if isinstance(intervention, irm_lens.Prompting) else scales[name]:
+            done = where / f"{name}@{scale:g}.parquet"
+            if not done.exists():
+                start = time.perf_counter()
+                off = pd.read_parquet(unsteered) if unsteered.exists() else None
+                result = irm_lens.compare_steering(model, {name: intervention}, args.alignment,
+                                                   scales={name: [scale]}, unsteered=off,
+                                                   progress=False, **kwargs)
+                if off is None:
+                    result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered)
+                result.samples[result.samples.intervention == name].to_parquet(
+                    done.with_suffix(".samples.parquet"))
+                result.table.to_parquet(done)
+                print(f"{where.name} (prompts {first}-{first + args.n_prompts - 1}): {name} x{scale:g}"
+                      f" measured in {time.perf_counter() - start:.0f} s", flush=True)
+            tables.append(pd.read_parquet(done))
+            samples.append(pd.read_parquet(done.with_suffix(".samples.parquet")))
     table = pd.concat(tables, ignore_index=True)
     table.to_csv(where / "comparison.csv", index=False)
     everything = pd.concat([pd.read_parquet(unsteered), *samples], ignore_index=True)
@@ -108,9 +111,12 @@ def main() -> None:
     p.add_argument("--first-prompt", type=int, default=40)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--caa-layers", default="12")
-    p.add_argument("--caa-scales", default="3,4,5,6")
+    p.add_argument("--caa-scales", default="2,3,4")
     p.add_argument("--actadd-layer", type=int, default=6)
     p.add_argument("--actadd-scales", default="4,8")
+    p.add_argument("--baseline-sets", type=int, default=None,
+                   help="measure ActAdd and prompting on the first N sets only (default: all); "
+                        "CAA and the IRMs are measured on every set")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -131,13 +137,16 @@ def main() -> None:
         print(f"seed {seed}: {result.stop_reason}, {result.wall_time_s:.0f} s of training "
               f"({time.perf_counter() - start:.0f} s with the vector); validation "
               f"{result.baseline_val_loss:.4f} -> {result.best_val_loss:.4f}", flush=True)
-        interventions[f"irm_seed{seed}"] = result.irm
+        interventions[f"irm_seed{seed}"] = result.irm  # its dose is in its output_scale
+        scales[f"irm_seed{seed}"] = [1.0]
         irm_names.append(f"irm_seed{seed}")
 
     verdicts = []
     for k in range(args.sets):
         first = args.first_prompt + k * args.n_prompts
-        table = _measure_set(model, interventions, scales, args, first, out / f"set{k}")
+        measured = {name: x for name, x in interventions.items() if args.baseline_sets is None
+                    or k < args.baseline_sets or name not in ("actadd", "prompting")}
+        table = _measure_set(model, measured, scales, args, first, out / f"set{k}")
         with pd.option_context("display.width", 220, "display.max_columns", 20):
             print(table.drop(columns=["off"]).round(3).to_string(index=False), flush=True)
         verdicts.append(_verdict(table, irm_names).assign(set=k, first_prompt=first))
