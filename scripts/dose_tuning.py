@@ -57,7 +57,7 @@ def main() -> None:
                                        unsteered=unsteered)
     if unsteered is None:
         result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered_path)
-    tag = "+".join(interventions)
+    tag = "+".join(f"{name}@{','.join(f'{x:g}' for x in scales[name])}" for name in interventions)
     result.table.to_csv(out / f"dose_{tag}.csv", index=False)
     result.samples.to_csv(out / f"samples_{tag}.csv", index=False)
     with pd.option_context("display.width", 220, "display.max_columns", 20):

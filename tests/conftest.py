@@ -16,7 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Screenshots and pages the browser tests keep for people to look at (CI uploads the folder).
+# Screenshots and pages the browser tests keep for people to look at (test-artifacts/, or
+# IRM_LENS_TEST_ARTIFACTS).
 ARTIFACTS = Path(os.environ.get("IRM_LENS_TEST_ARTIFACTS",
                                 Path(__file__).parents[1] / "test-artifacts"))
 

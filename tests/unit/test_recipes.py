@@ -23,11 +23,14 @@ def test_a_recipe_doses_the_irm_it_returns_and_saves(tiny_model, tmp_path):
     torch.testing.assert_close(result.irm(x), 0.5 * full(x))
     saved = irm_lens.IRM.load(tmp_path / "run" / "irm.safetensors", tiny_model)
     assert saved.config.output_scale == 0.5 and torch.equal(saved(x), result.irm(x))
-    # a rerun resumes the finished run: the same dose, not the dose applied twice
+    # a rerun resumes the finished run: the same dose, not the dose applied twice, and the
+    # saved file is left as it was
+    written = (tmp_path / "run" / "irm.safetensors").stat().st_mtime_ns
     again = irm_lens.train_recipe(tiny_model, "anger", tmp_path / "run", recipe=recipe,
                                   progress=False)
     assert again.irm.config.output_scale == 0.5
     assert torch.equal(again.irm(x), result.irm(x))
+    assert (tmp_path / "run" / "irm.safetensors").stat().st_mtime_ns == written
 
 
 def test_with_output_scale_keeps_the_weights(tiny_model):
