@@ -53,7 +53,7 @@ def _measure_set(model, interventions: dict, scales: dict, args, first: int, whe
     unsteered = where / "unsteered.parquet"
     tables, samples = [], []
     for name, intervention in interventions.items():
-        for scale in [1.0] if isinstance(intervention, irm_lens.Prompting) else scales[name]:
+        for scale in scales[name]:
             done = where / f"{name}@{scale:g}.parquet"
             if not done.exists():
                 start = time.perf_counter()
@@ -129,6 +129,7 @@ def main() -> None:
     scales = {name: [float(s) for s in args.caa_scales.split(",")] for name in interventions}
     scales["actadd"] = [float(s) for s in args.actadd_scales.split(",")]
     interventions["prompting"] = irm_lens.Prompting.persona(args.alignment)
+    scales["prompting"] = [1.0]  # a prompt has no scale: measured once
     irm_names = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = time.perf_counter()
