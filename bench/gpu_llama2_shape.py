@@ -47,9 +47,9 @@ def build(spec, device: str, dtype: torch.dtype):
     return model
 
 
-def irm_step(model, irm, optimizer, ids, loss_mask) -> None:
+def irm_step(model, irm, optimizer, ids, loss_mask) -> float:
     """One IRM training step as ``irm_lens.train`` takes it: inject, masked LM loss, backward,
-    Adam on the IRM (shared with ``train_step.py``)."""
+    Adam on the IRM (shared with ``train_step.py``); returns the loss."""
     import irm_lens
     from irm_lens.losses import masked_lm_loss
 
@@ -58,6 +58,7 @@ def irm_step(model, irm, optimizer, ids, loss_mask) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    return float(loss)
 
 
 def main() -> None:

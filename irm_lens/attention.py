@@ -27,10 +27,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components import AbstractAttention, Attention, GroupedQueryAttention
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from .errors import ConfigError
+from .hooks import is_hooked
 
 AttentionKind = Literal["sdpa", "eager"]
 ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
@@ -42,15 +42,6 @@ def check_attention_kind(kind: str) -> None:
     """Raise ``ConfigError`` unless ``kind`` is one of ``ATTENTION_KINDS``."""
     if kind not in ATTENTION_KINDS:
         raise ConfigError(f"attention must be 'sdpa' or 'eager', got {kind!r}.")
-
-
-def _hooked(point: HookPoint) -> bool:
-    return bool(
-        point._forward_hooks
-        or point._forward_pre_hooks
-        or point._backward_hooks
-        or point._backward_pre_hooks
-    )
 
 
 class _SDPAMixin(AbstractAttention):
@@ -73,8 +64,8 @@ class _SDPAMixin(AbstractAttention):
             and cfg.clip_qkv is None
             and not softcap_enabled(cfg.attn_scores_soft_cap)
             and cfg.original_architecture not in _QK_NORM_ARCHITECTURES
-            and not _hooked(self.hook_attn_scores)
-            and not _hooked(self.hook_pattern)
+            and not is_hooked(self.hook_attn_scores)
+            and not is_hooked(self.hook_pattern)
         )
 
     def forward(  # type: ignore[override]

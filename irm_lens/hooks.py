@@ -46,6 +46,18 @@ def permanent_hooks(
             remove_hook(hook_point, fn)
 
 
+def is_hooked(point: HookPoint) -> bool:
+    """Whether anything (forward or backward, permanent or not) is attached to ``point``: the
+    fast paths of ``irm_lens.attention`` and ``irm_lens.components`` give way to
+    TransformerLens's own computation when it is."""
+    return bool(
+        point._forward_hooks
+        or point._forward_pre_hooks
+        or point._backward_hooks
+        or point._backward_pre_hooks
+    )
+
+
 def remove_hook(hook_point: HookPoint, fn: Callable) -> None:
     """Remove exactly one of our hooks, leaving every other (permanent or not) in place."""
     kept = []

@@ -31,6 +31,17 @@ def token_nll(
     return einops.rearrange(nll, "(batch pos) -> batch pos", batch=weight.shape[0]), weight
 
 
+def scored_rows(
+    resid: Float[Tensor, "batch pos d_model"],
+    input_ids: Int[Tensor, "batch pos"],
+    loss_mask: Int[Tensor, "batch pos"],
+) -> tuple[Float[Tensor, "n_scored d_model"], Int[Tensor, " n_scored"]]:
+    """The positions whose next token is scored, and those tokens: what ``masked_lm_loss``
+    averages over, for callers that unembed only the rows they score."""
+    scored = loss_mask[:, 1:].bool()  # [batch, pos - 1]: position t predicts token t + 1
+    return resid[:, :-1][scored], input_ids[:, 1:][scored]
+
+
 def masked_lm_loss(
     logits: Float[Tensor, "batch pos d_vocab"],
     input_ids: Int[Tensor, "batch pos"],

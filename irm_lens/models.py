@@ -33,6 +33,7 @@ from irm_lens._io import atomic_write_json, cache_dir
 from irm_lens._packages import package_file
 from irm_lens._progress import quiet_library_bars
 from irm_lens.attention import AttentionKind, check_attention_kind, set_attention
+from irm_lens.components import use_fast_components
 from irm_lens.errors import (
     CheckpointError,
     ConfigError,
@@ -239,6 +240,7 @@ def load_model(
         model = _load(name_or_path, dtype, device, n_ctx, allow_download, hf_model, tokenizer,
                       first_n_layers)
     set_attention(model, attention)
+    use_fast_components(model)
     model.eval()
     model.requires_grad_(False)
     return model

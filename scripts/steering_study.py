@@ -88,17 +88,21 @@ def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
         best = caa[caa.decoding == decoding].sort_values("lift").tail(1)
         best_lift = float(best.lift.iloc[0]) if len(best) else float("nan")
         for name in irm_names:
-            row = group[group.intervention == name].iloc[0]
-            rows.append(dict(
-                irm=name, decoding=decoding, lift=row.lift, ci_low=row.ci_low,
-                ci_high=row.ci_high, fluent=row.fluent, aligned=row.verdict == "aligned",
-                best_fluent_caa=best_lift,
-                best_caa=f"{best.intervention.iloc[0]} x{best.scale.iloc[0]:g}" if len(best) else "",
-                # no fluent CAA point at all: CAA's fluent lift is nothing to beat
-                at_least_caa=bool(row.verdict == "aligned"
-                                  and (not len(best) or row.lift >= best_lift)),
-            ))
+            for _, row in group[group.intervention == name].iterrows():
+                rows.append(_verdict_row(name, decoding, row, best, best_lift))
     return pd.DataFrame(rows)
+
+
+def _verdict_row(name: str, decoding: str, row: pd.Series, best: pd.DataFrame,
+                 best_lift: float) -> dict:
+    return dict(
+        irm=name, scale=row.scale, decoding=decoding, lift=row.lift, ci_low=row.ci_low,
+        ci_high=row.ci_high, fluent=row.fluent, aligned=row.verdict == "aligned",
+        best_fluent_caa=best_lift,
+        best_caa=f"{best.intervention.iloc[0]} x{best.scale.iloc[0]:g}" if len(best) else "",
+        # no fluent CAA point at all: CAA's fluent lift is nothing to beat
+        at_least_caa=bool(row.verdict == "aligned" and (not len(best) or row.lift >= best_lift)),
+    )
 
 
 def main() -> None:
@@ -117,6 +121,8 @@ def main() -> None:
     p.add_argument("--baseline-sets", type=int, default=None,
                    help="measure ActAdd and prompting on the first N sets only (default: all); "
                         "CAA and the IRMs are measured on every set")
+    p.add_argument("--irm-scales", default="1",
+                   help="multiples of each trained IRM's dose to measure (default: the dose alone)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -139,7 +145,7 @@ def main() -> None:
               f"({time.perf_counter() - start:.0f} s with the vector); validation "
               f"{result.baseline_val_loss:.4f} -> {result.best_val_loss:.4f}", flush=True)
         interventions[f"irm_seed{seed}"] = result.irm  # its dose is in its output_scale
-        scales[f"irm_seed{seed}"] = [1.0]
+        scales[f"irm_seed{seed}"] = [float(x) for x in args.irm_scales.split(",")]
         irm_names.append(f"irm_seed{seed}")
 
     verdicts = []

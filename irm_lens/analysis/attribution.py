@@ -36,6 +36,7 @@ from irm_lens.analysis.indices import check_neuron
 from irm_lens.analysis.provenance import Provenance
 from irm_lens.analysis.stats import ranks_descending
 from irm_lens.data.dataset import right_pad
+from irm_lens.errors import ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
 
@@ -125,18 +126,29 @@ def logit_attribution(
     max_new_tokens: int = 16,
     k_tokens: int = 15,
     batch_size: int = 8,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
     progress: bool = True,
 ) -> LogitAttribution:
     """Direct logit effects of ``neuron`` (and of ``irm``'s vector) on the prompts' tokens.
 
     The tokens are the prompts (chat template) and, with an IRM, the steered model's greedy
-    continuations of them; without one, the unsteered model's.
+    continuations of them; without one, the unsteered model's. ``sequences``: those token ids
+    already generated (each prompt's ids and its continuation's, as ``IRMOutputs.sequences``
+    holds them), so that they are not generated again.
     """
     neuron = check_neuron(model, neuron)
     prompts = prompts_or_default(prompts, n_prompts)
-    rows, _ = steered_sequences(model, irm, prompts, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, progress=progress)
+    if sequences is None:
+        rows, _ = steered_sequences(model, irm, prompts, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, progress=progress)
+    elif len(sequences) != len(prompts):
+        raise ConfigError(f"sequences has {len(sequences)} rows for {len(prompts)} prompts.")
+    else:
+        rows = [(list(p), list(g)) for p, g in sequences]
     w_u = _centred_unembed(model)  # [d_model, d_vocab]
+    # Every product with the unembedding that ends in a d_model vector goes through its Gram
+    # matrix: (n W_U) W_U^T = n G, |n W_U|^2 = n G n^T, so no [tok, d_vocab] product is formed.
+    gram = w_u @ w_u.T  # [d_model, d_model]
     w_f = model.ln_final.w.detach().float()  # [d_model]
     d_model = model.cfg.d_model
     names = [get_act_name("resid_post", model.cfg.n_layers - 1), get_act_name("scale")]
@@ -156,15 +168,17 @@ def logit_attribution(
         with torch.no_grad():
             _, cache = model.run_with_cache(ids, names_filter=names)
         x, rms = _final_resid(cache, real)  # [tok, d_model], [tok, 1]
-        b = _frozen_norm(x, rms, w_f) @ w_u  # centred logits without bias [tok, vocab]
-        a_dot_b = (b @ w_u.T) * w_f  # w_i W~_U[i] . b  [tok, d_model]
-        a_sq = (w_f**2) * (w_u**2).sum(-1)  # [d_model]
+        normed = _frozen_norm(x, rms, w_f)  # b = normed W~_U: centred logits without bias
+        b_gram = normed @ gram  # b W~_U^T  [tok, d_model]
+        a_dot_b = b_gram * w_f  # w_i W~_U[i] . b  [tok, d_model]
+        a_sq = (w_f**2) * gram.diagonal()  # [d_model]
         c = x / (d_model * rms)  # [tok, d_model]
-        sq = a_sq - 2 * c * a_dot_b + c**2 * (b**2).sum(-1, keepdim=True)
+        b_sq = (b_gram * normed).sum(-1, keepdim=True)  # |b|^2  [tok, 1]
+        sq = a_sq - 2 * c * a_dot_b + c**2 * b_sq
         effect_sum += (sq.clamp_min(0).sqrt() / rms).double().sum(0)
         n_tok += x.shape[0]
         if irm is not None:
-            num, den, logits, comps, at = _irm_terms(model, irm, ids, real, neuron, w_u, w_f)
+            num, den, logits, comps, at = _irm_terms(model, irm, ids, real, neuron, w_u, gram, w_f, cache)
             irm_num += num
             irm_den += den
             irm_logits += logits
@@ -194,27 +208,35 @@ def logit_attribution(
     )
 
 
-def _irm_terms(model, irm: IRM, ids: Tensor, real: Tensor, neuron: int, w_u: Tensor, w_f: Tensor):
+def _irm_terms(model, irm: IRM, ids: Tensor, real: Tensor, neuron: int, w_u: Tensor,
+               gram: Tensor, w_f: Tensor, clean: ActivationCache):
     """One batch's IRM share numerators / denominator, summed logit effect, and component
-    attributions along the steering's logit direction."""
+    attributions along the steering's logit direction (``clean``: the unsteered run's final
+    residual and scale on the same ids)."""
     n_layers = model.cfg.n_layers
-    names = [get_act_name("resid_post", n_layers - 1), get_act_name("scale")]
+    # What _final_resid and decompose_resid read, and nothing else (no attention pattern, so
+    # the fused attention applies).
+    names = {get_act_name("resid_post", n_layers - 1), get_act_name("scale"), "hook_embed",
+             "hook_pos_embed"}
+    names |= {get_act_name(kind, layer) for layer in range(n_layers)
+              for kind in ("attn_out", "mlp_out")}
     deltas: list[Tensor] = []
-    with torch.no_grad():
-        _, clean = model.run_with_cache(ids, names_filter=names)
-        with inject(model, irm, on_output=deltas.append):
-            _, cache = model.run_with_cache(ids)
+    with torch.no_grad(), inject(model, irm, on_output=deltas.append):
+        _, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
     x, rms = _final_resid(cache, real)  # [tok, d_model], [tok, 1]
     vec = deltas[0].sum(2)[real].float().cpu()  # [tok, d_model]: the IRM's summed push
     per_index = _frozen_norm(vec, rms, w_f)  # [tok, d_model]
-    total = per_index @ w_u  # [tok, vocab]
-    num = ((total @ w_u.T) * per_index).double().sum(0)  # sum_t <c_i, L_t>
-    den = float((total**2).sum())
+    # total = per_index W~_U, the IRM's logit effect per token [tok, vocab], through the Gram
+    # matrix: total W~_U^T = per_index G
+    along_total = (per_index @ gram) * per_index  # [tok, d_model]
+    num = along_total.double().sum(0)  # sum_t <c_i, L_t>
+    den = float(along_total.sum())  # sum_t |L_t|^2
+    summed = per_index.double().sum(0) @ w_u.double()  # sum_t L_t  [vocab]
 
     # Direction in which steering moved the (centred) logits, averaged over tokens.
-    steered_logits = _frozen_norm(x, rms, w_f) @ w_u  # [tok, vocab]
-    clean_logits = _frozen_norm(*_final_resid(clean, real), w_f) @ w_u
-    shift = (steered_logits - clean_logits).mean(0)
+    # (steered logits - clean logits) averaged over tokens, the mean taken before W~_U
+    moved = _frozen_norm(x, rms, w_f) - _frozen_norm(*_final_resid(clean, real), w_f)
+    shift = moved.mean(0) @ w_u  # [vocab]
     direction = shift / shift.norm().clamp_min(1e-30)  # [vocab]
     along = w_u @ direction  # [d_model]: each index's unembedding along the direction
     stack, labels = cache.decompose_resid(layer=n_layers, return_labels=True, mode="all")
@@ -227,4 +249,4 @@ def _irm_terms(model, irm: IRM, ids: Tensor, real: Tensor, neuron: int, w_u: Ten
     at_neuron = (contrib[..., neuron] * along[neuron]).sum(1)
     comps = {lab: float(v) for lab, v in zip(labels, attribution)}
     at = {lab: float(v) for lab, v in zip(labels, at_neuron)}
-    return num, den, total.double().sum(0), comps, at
+    return num, den, summed, comps, at

@@ -124,7 +124,7 @@ def explain(
     """
     neuron = check_neuron(model, neuron)
     prompts = prompts_or_default(prompts, n_prompts)
-    striation = dominant = patching = None
+    striation = dominant = patching = sequences = None
     if irm is None:
         outputs = None
     else:
@@ -134,6 +134,9 @@ def explain(
         if len(irm.config.layers) > 1:
             striation = striation_score(outputs, n_shuffles=striation_shuffles)
         dominant = dominant_neurons(outputs)
+        if (outputs.sequences and outputs.chat and outputs.max_new_tokens == max_new_tokens
+                and outputs.prompts == tuple(prompts)):
+            sequences = outputs.sequences  # the steered continuations attribution reads
         if alignment is not None:
             patching = patch_neuron(model, irm, neuron, alignment=alignment, n_random=n_random,
                                     n_texts=n_texts, progress=progress)
@@ -148,7 +151,7 @@ def explain(
         norms=norm_weights(model),
         magnitudes=activation_magnitudes(model, prompts, progress=progress),
         attribution=logit_attribution(model, neuron, irm, prompts, max_new_tokens=max_new_tokens,
-                                      progress=progress),
+                                      sequences=sequences, progress=progress),
         ablation=ablation,
         outputs=outputs,
         striation=striation,

@@ -52,6 +52,8 @@ class IRMOutputs:
         per_token: When collected, each prompt's outputs ``[pos, layer, neuron]``, and
             ``token_strs`` the decoded tokens they belong to.
         provenance: Model, IRM config, prompt hash.
+        sequences: Each prompt's token ids and its continuation's (what the outputs were read
+            on), generated with ``max_new_tokens`` and ``chat`` as given.
     """
 
     layers: tuple[int, ...]
@@ -65,6 +67,9 @@ class IRMOutputs:
     provenance: Provenance
     per_token: tuple[Float[Tensor, "pos layer neuron"], ...] | None = None
     token_strs: tuple[tuple[str, ...], ...] | None = None
+    sequences: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    max_new_tokens: int | None = None
+    chat: bool = True
 
     @property
     def neuron_mass(self) -> Float[Tensor, " neuron"]:
@@ -162,6 +167,9 @@ def collect_irm_outputs(
         provenance=Provenance.of(model, irm, prompts),
         per_token=tuple(token_rows) if per_token else None,
         token_strs=tuple(token_strs) if per_token else None,
+        sequences=tuple((tuple(p), tuple(g)) for p, g in rows),
+        max_new_tokens=max_new_tokens,
+        chat=chat,
     )
 
 

@@ -21,12 +21,15 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence, get_args
 
+import einops
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from irm_lens._progress import progress_bar
 from irm_lens.analysis.conditions import score_conditions, stacked, text_batches
 from irm_lens.analysis.indices import check_layers, check_neuron, random_indices
 from irm_lens.analysis.provenance import Provenance
@@ -35,6 +38,7 @@ from irm_lens.errors import ConfigError
 from irm_lens.hooks import overwrite_index, permanent_hooks
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.losses import masked_lm_loss, scored_rows
 
 PatchTarget = Literal["irm", "resid"]
 PATCH_TARGETS: tuple[str, ...] = get_args(PatchTarget)
@@ -147,11 +151,16 @@ def patch_neuron(
             for layer in (-1, *layers) if random_per_layer else (-1,):
                 patches.append((direction, layer, r, "random"))
 
-    conditions = {
+    # Single-layer patches start from their layer (see _single_layer_scores); the rest are
+    # whole forward passes under a condition each.
+    fast = [p[:3] for p in patches if p[1] != -1 and _starts_at_layer(irm, target)]
+    conditions = {} if fast else {  # else the fast path scores both ends from its cached runs
         "unsteered": lambda ids: nullcontext(),
         "steered": lambda ids: inject(model, irm),
     }
     for direction, layer, index, _ in patches:
+        if (direction, layer, index) in fast:
+            continue
         chosen = layers if layer == -1 else (layer,)
         key = f"{direction}/{layer}/{index}"
         if target == "irm":
@@ -160,7 +169,8 @@ def patch_neuron(
             conditions[key] = _resid_patch(model, irm, index, chosen, direction)
     scores = score_conditions(
         model, batches, conditions, progress=progress, desc=f"patching ({target})"
-    ).set_index("condition")["logprob"]
+    ).set_index("condition")["logprob"].to_dict()
+    scores.update(_single_layer_scores(model, irm, batches, fast, target, progress))
     lp_off, lp_on = float(scores["unsteered"]), float(scores["steered"])
     gap = lp_on - lp_off
     rows = []
@@ -172,6 +182,106 @@ def patch_neuron(
     return PatchingResult(
         neuron, target, pd.DataFrame(rows), lp_off, lp_on, Provenance.of(model, irm, texts, seed)
     )
+
+
+def _starts_at_layer(irm: IRM, target: PatchTarget) -> bool:
+    """Whether a single-layer patch can start from its layer's cached residual: the patched
+    value sits at ``hook_resid_post``, where every later block's input comes from."""
+    return target == "resid" or irm.config.inject_site == "resid_post"
+
+
+def _single_layer_scores(
+    model: HookedTransformer,
+    irm: IRM,
+    batches: Sequence[tuple[Tensor, Tensor, Tensor]],
+    patches: Sequence[tuple[str, int, int]],
+    target: PatchTarget,
+    progress: bool,
+) -> dict[str, float]:
+    """Mean token log-probability under each single-layer patch ``(direction, layer, index)``,
+    and (``"unsteered"``, ``"steered"``) under neither end's patch.
+
+    Up to the patched layer such a run *is* the unsteered run (``into_unsteered``) or the
+    steered one (``into_steered``), so it starts from that run's cached ``hook_resid_post`` with
+    the patch applied there, and only the later blocks run (steered ones with the IRM's output,
+    computed once per batch, added where ``inject`` adds it). Each value is formed by the same
+    operations as under the whole-model condition (``_irm_patch`` / ``_resid_patch``), and
+    only the scored positions are unembedded: the same log-probabilities to float rounding,
+    for about half a forward pass each.
+    """
+    if not patches:
+        return {}
+    n_layers = model.cfg.n_layers
+    post = [get_act_name("resid_post", layer) for layer in range(n_layers)]
+    names = set(post) | {irm.config.read_site}
+    if target == "irm":
+        names |= {get_act_name(kind, layer) for layer in irm.config.layers
+                  for kind in ("resid_mid", "mlp_out")}
+    device = model.cfg.device
+    keys = ["unsteered", "steered", *(f"{d}/{layer}/{i}" for d, layer, i in patches)]
+    nll = dict.fromkeys(keys, 0.0)
+    n_scored = 0.0
+    bar = progress_bar(total=len(batches) * len(patches), desc=f"patching ({target}), per layer",
+                       unit="pass", disable=not progress)
+    for ids, _, loss_mask in batches:
+        ids, loss_mask = ids.to(device), loss_mask.to(device)
+        n_tokens = float(loss_mask[:, 1:].sum())
+        n_scored += n_tokens
+        attention_mask, ends, clean, steered, delta = _both_ends(model, irm, ids, names)
+        for key, logits in ends.items():
+            nll[key] += float(masked_lm_loss(logits, ids, loss_mask)) * n_tokens
+        for direction, layer, index in patches:
+            resid = _patched_resid(irm, clean, steered, delta, direction, layer, index, target)
+            later = [(name, _add(delta[k]), True) for k, name in enumerate(irm.config.hook_names())
+                     if irm.config.layers[k] > layer and direction == "into_steered"]
+            with torch.no_grad(), permanent_hooks(model, later):
+                final = model(resid, start_at_layer=layer + 1, stop_at_layer=n_layers,
+                              attention_mask=attention_mask)
+                rows, targets = scored_rows(final, ids, loss_mask)  # unembed only what counts
+                logits = model.unembed(model.ln_final(rows[None]))[0]
+                nll[f"{direction}/{layer}/{index}"] += float(
+                    F.cross_entropy(logits.float(), targets, reduction="sum"))
+            bar.update()
+    bar.close()
+    return {key: -value / n_scored for key, value in nll.items()}
+
+
+def _both_ends(model: HookedTransformer, irm: IRM, ids: Tensor, names: set[str]):
+    """The unsteered and the steered run of one batch: the attention mask a forward pass from
+    tokens uses, both runs' logits, their caches of ``names``, and the IRM's output split into
+    its injected layers (its input precedes every injection, so it is the same in both runs)."""
+    keep = lambda name: name in names  # noqa: E731
+    with torch.no_grad():
+        attention_mask = model.input_to_embed(ids)[3]
+        clean_logits, clean = model.run_with_cache(ids, names_filter=keep)
+        with inject(model, irm):
+            steered_logits, steered = model.run_with_cache(ids, names_filter=keep)
+        delta = einops.rearrange(irm(steered[irm.config.read_site]),
+                                 "batch pos n_injected d_model -> n_injected batch pos d_model")
+    ends = {"unsteered": clean_logits, "steered": steered_logits}
+    return attention_mask, ends, clean, steered, delta
+
+
+def _patched_resid(irm, clean, steered, delta, direction, layer, index, target):
+    """``hook_resid_post`` of ``layer`` under one single-layer patch (see _single_layer_scores)."""
+    name = get_act_name("resid_post", layer)
+    source, other = (clean, steered) if direction == "into_unsteered" else (steered, clean)
+    resid = source[name].clone()
+    if target == "resid":
+        resid[..., index] = other[name][..., index]
+    elif direction == "into_unsteered":  # the IRM's output at (layer, index) alone
+        push = delta[irm.config.layers.index(layer)][..., index]
+        resid[..., index] = resid[..., index] + push.to(resid.dtype)
+    else:  # the steered run without it: the block's own sum there, before the injection
+        before = steered[get_act_name("resid_mid", layer)] + steered[get_act_name("mlp_out", layer)]
+        resid[..., index] = before[..., index]
+    return resid
+
+
+def _add(value: Tensor):
+    def hook(resid: Tensor, hook) -> Tensor:
+        return resid + value.to(device=resid.device, dtype=resid.dtype)
+    return hook
 
 
 def _irm_patch(model, irm: IRM, index: int, layers: Sequence[int], direction: str):

@@ -121,8 +121,32 @@ def test_irm_logit_share_goes_to_the_only_index_it_pushes(tiny_model):
     assert attr.irm_share_rank == 1
     comps = attr.components.set_index("component")
     assert "irm" in comps.index and "embed" in comps.index
-    # Only index K carries the IRM, so all of its attribution goes through K.
+    # Only index K carries the IRM, so all of its attribution goes through K ...
     assert comps.loc["irm", "at_neuron"] == pytest.approx(comps.loc["irm", "attribution"], rel=1e-4)
+    # ... and the tokens it promotes most are those K's (centred) unembedding row favours.
+    w_u = tiny_model.W_U.detach()
+    push = tiny_model.ln_final.w[K].item() * (w_u[K] - w_u[K].mean())
+    assert attr.irm_promoted["token_id"].tolist()[:3] == push.topk(3).indices.tolist()
+
+
+def test_attribution_reads_the_sequences_it_is_given(tiny_model):
+    torch.manual_seed(0)
+    irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="small")
+    outputs = irm_lens.collect_irm_outputs(tiny_model, irm, PROMPTS, max_new_tokens=3,
+                                           progress=False)
+    kwargs = dict(max_new_tokens=3, progress=False)
+    own = irm_lens.logit_attribution(tiny_model, K, irm, PROMPTS, **kwargs)
+    given = irm_lens.logit_attribution(tiny_model, K, irm, PROMPTS, sequences=outputs.sequences,
+                                       **kwargs)
+    assert torch.equal(own.direct_effect, given.direct_effect)
+    assert torch.equal(own.irm_share, given.irm_share)
+    pd.testing.assert_frame_equal(own.components, given.components)
+    prompts_only = [(p, []) for p, _ in outputs.sequences]
+    other = irm_lens.logit_attribution(tiny_model, K, irm, PROMPTS, sequences=prompts_only, **kwargs)
+    assert not torch.equal(other.direct_effect, own.direct_effect)
+    with pytest.raises(irm_lens.errors.ConfigError, match="3 prompts"):
+        irm_lens.logit_attribution(tiny_model, K, irm, PROMPTS, sequences=outputs.sequences[:1],
+                                   **kwargs)
 
 
 # --- patching --------------------------------------------------------------------------------
@@ -155,6 +179,37 @@ def test_resid_patching_at_the_last_layer_is_exact_when_only_that_index_differs(
     target = table[(table["kind"] == "target") & (table["layer"] == last)]
     assert target["effect"].tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
     assert table[table["kind"] == "random"]["effect"].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("target", ["irm", "resid"])
+def test_single_layer_patches_from_their_layer_equal_whole_model_runs(tiny_model, target):
+    """The per-layer fast path (start from the cached residual, unembed the scored rows) against
+    the same patches run through the whole model under inject / hook conditions: the same
+    log-probabilities to float rounding (the ends bitwise), and the patches really differ from
+    each other and from the two ends of the gap."""
+    from irm_lens.analysis import patching
+    from irm_lens.analysis.conditions import score_conditions, text_batches
+
+    torch.manual_seed(1)
+    irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="small")
+    with torch.no_grad():
+        irm.out.bias.normal_(0, 0.5)
+    batches = text_batches(tiny_model, PROMPTS * 3, batch_size=4)  # two batches, the last short
+    layers = range(tiny_model.cfg.n_layers)
+    patches = [(d, layer, i) for d in patching.DIRECTIONS for layer in layers for i in (K, 3)]
+    fast = patching._single_layer_scores(tiny_model, irm, batches, patches, target, False)
+    make = patching._irm_patch if target == "irm" else patching._resid_patch
+    conditions = {f"{d}/{layer}/{i}": make(tiny_model, irm, i, (layer,), d) for d, layer, i in patches}
+    conditions["unsteered"] = lambda ids: contextlib.nullcontext()
+    conditions["steered"] = lambda ids: irm_lens.inject(tiny_model, irm)
+    slow = score_conditions(tiny_model, batches, conditions, progress=False)
+    slow = slow.set_index("condition")["logprob"].to_dict()
+    assert fast.keys() == slow.keys()
+    assert [fast[k] for k in ("unsteered", "steered")] == [slow[k] for k in ("unsteered", "steered")]
+    assert fast == {k: pytest.approx(v, rel=1e-6, abs=1e-7) for k, v in slow.items()}
+    assert len(set(fast.values())) == len(patches) + 2
+    gaps = sorted(abs(fast[k] - slow[k]) for k in fast)
+    assert gaps[-1] < 1e-6 < min(abs(a - b) for a in fast.values() for b in fast.values() if a != b)
 
 
 # --- ablation --------------------------------------------------------------------------------

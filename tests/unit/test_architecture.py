@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parents[2] / "irm_lens"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "data"),
     ("_io", "_packages", "_progress", "chat", "hooks", "losses", "scoring"),
-    ("attention", "models"),
+    ("attention", "components", "models"),
     ("data.corpora", "data.personas", "data.dataset"),
     ("irm",),
     ("inject",),
