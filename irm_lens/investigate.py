@@ -76,8 +76,9 @@ def steering_verdict(steering: SteeringComparison) -> str:
     """One line per intervention and decoding: lift [CI], fluency checks, verdict."""
     lines = []
     for row in steering.table.itertuples():
+        scale = f" x{row.scale:g}" if row.scale != 1.0 else ""
         lines.append(
-            f"{row.intervention} {row.decoding}: {steering.alignment} lift {row.lift:+.3f} "
+            f"{row.intervention}{scale} {row.decoding}: {steering.alignment} lift {row.lift:+.3f} "
             f"[95% CI {row.ci_low:+.3f}, {row.ci_high:+.3f}], distinct-2 ratio "
             f"{row.distinct2_ratio:.2f}, perplexity ratio {row.perplexity_ratio:.1f}: {row.verdict}"
         )
@@ -146,8 +147,12 @@ def investigate(
     if recipe.vector_depth is not None:  # the IRM's starting point, as the baseline to beat
         vector = caa_vector(model, s.alignment, recipe, out_dir / "irm")
         baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
+    # The recipe's dose for each decoding (a trained IRM carries the greedy one); a given IRM
+    # is measured as it is.
+    irm_scales = sorted(set(recipe.decoding_scales().values())) if training is not None else [1.0]
     steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
-                                max_new_tokens=s.eval_new_tokens, progress=progress)
+                                max_new_tokens=s.eval_new_tokens, scales={"irm": irm_scales},
+                                progress=progress)
     stage("evaluation", t)
     if progress:
         print(steering_verdict(steering))

@@ -6,7 +6,8 @@
   objective on pairs of the same training question answered by the model steered by that vector
   (the chosen, tone-carrying reply) and unsteered (the rejected one), with the fluency KL term
   and no cross-entropy on the chosen replies (it narrowed the phrasing); the trained IRM is
-  used at a dose of 0.75 (its ``output_scale``).
+  used at a dose of 0.75 (its ``output_scale``) for greedy decoding and 0.9 for sampled
+  decoding (``Recipe.decoding_scales``: sampling tolerates the stronger push).
   The pairs are generated once (``generate_pairs``, at ``pairs_scale``) and reused; the
   embedded model's ``anger`` pairs ship with the package (``irm_lens/data/pairs/``).
 * ``"paper"``: the paper's objective, cross-entropy on the built-in alignment texts, from a
@@ -51,6 +52,11 @@ class Recipe:
         dose: The trained IRM's ``output_scale``: below 1 it trades lift for diversity (chosen
             on training questions no pair asked, ``scripts/dose_tuning.py``). The IRM the
             recipe returns, and saves as the run's ``irm.safetensors``, carries it.
+        sampled_dose: The dose for sampled decoding where it differs from ``dose`` (None: the
+            same). Greedy decoding repeats the steered phrases first, sampling tolerates a
+            stronger push; each decoding's dose is chosen on the tuning questions, as CAA's
+            scale is per decoding in every comparison. ``decoding_scales`` gives it as a scale
+            of the dosed IRM.
         train: The optimisation settings (``max_steps`` is the recipe's length).
     """
 
@@ -63,13 +69,21 @@ class Recipe:
     pairs_sampled: int = 3
     degenerate_pairs: bool = True
     dose: float = 1.0
+    sampled_dose: float | None = None
     train: TrainConfig = TrainConfig()
+
+    def decoding_scales(self) -> dict[str, float]:
+        """The scale of the dosed IRM (``output_scale == dose``) at which each decoding is
+        steered: 1 for greedy, ``sampled_dose / dose`` for sampled."""
+        sampled = 1.0 if self.sampled_dose is None else self.sampled_dose / self.dose
+        return {"greedy": 1.0, "sampled": sampled}
 
 
 RECIPES: dict[str, Recipe] = {
     "preference": Recipe(
         objective="preference",
         dose=0.75,
+        sampled_dose=0.9,
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,
                           max_val_batches=4, checkpoint_every=15),

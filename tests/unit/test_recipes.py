@@ -41,3 +41,14 @@ def test_with_output_scale_keeps_the_weights(tiny_model):
     torch.testing.assert_close(dosed(x), 0.25 * irm(x))
     with pytest.raises(irm_lens.ConfigError, match="output_scale"):
         irm.with_output_scale(float("nan"))
+
+
+def test_decoding_scales_steer_sampling_at_its_own_dose(tiny_model):
+    assert Recipe(objective="lm", dose=0.75).decoding_scales() == {"greedy": 1.0, "sampled": 1.0}
+    scales = Recipe(objective="lm", dose=0.75, sampled_dose=0.9).decoding_scales()
+    assert scales == {"greedy": 1.0, "sampled": pytest.approx(1.2)}
+    # on the dosed IRM, that scale is the sampled dose applied to the undosed outputs
+    irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="small")
+    x = torch.randn(1, 3, tiny_model.cfg.d_model)
+    dosed = irm.with_output_scale(0.75)
+    torch.testing.assert_close(dosed(x) * scales["sampled"], irm.with_output_scale(0.9)(x))
