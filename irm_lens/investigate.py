@@ -170,6 +170,7 @@ def investigate(
         out_dir / "report.html", title=f"irm_lens: {s.alignment} on {model.cfg.model_name}",
         run_dir=training.out_dir if training is not None else None, outputs=outputs,
         dossier=dossier, steering=steering, notes=notes,
+        subject_scales=recipe.decoding_scales() if training is not None else None,
     )
     stage("report", t)
     return Investigation(out_dir, path, training, outputs, dominant, dossier, steering, times)

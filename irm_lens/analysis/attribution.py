@@ -178,7 +178,8 @@ def logit_attribution(
         effect_sum += (sq.clamp_min(0).sqrt() / rms).double().sum(0)
         n_tok += x.shape[0]
         if irm is not None:
-            num, den, logits, comps, at = _irm_terms(model, irm, ids, real, neuron, w_u, gram, w_f, cache)
+            num, den, logits, comps, at = _irm_terms(model, irm, ids, real, neuron, w_u, gram,
+                                                     w_f, cache)
             irm_num += num
             irm_den += den
             irm_logits += logits

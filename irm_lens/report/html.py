@@ -15,7 +15,7 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pandas as pd
 import plotly.io as pio
@@ -170,6 +170,7 @@ def report(
     comparison: RunComparison | None = None,
     evaluation: EvalResult | None = None,
     steering: SteeringComparison | None = None,
+    subject_scales: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
 ) -> Path:
     """Write one self-contained HTML report of whatever results are given.
@@ -187,6 +188,8 @@ def report(
         evaluation: ``evaluate``'s result: the lift, and generations side by side with scores.
         steering: ``compare_steering``'s result: the IRM beside its baselines (table,
             dose-response figure, and each intervention's texts beside the unsteered ones).
+        subject_scales: The scale the IRM is judged at in each decoding in the findings
+            (``Recipe.decoding_scales()``; default: its best fluent point).
         notes: Paragraphs shown at the top (e.g. what was run and how long it took).
 
     Returns:
@@ -201,7 +204,7 @@ def report(
         dominant = dossier.dominant if dominant is None else dominant
     page = _Page(title)
     _findings_section(page, findings(
-        steering=steering, striation=striation, dominant=dominant,
+        steering=steering, subject_scales=subject_scales, striation=striation, dominant=dominant,
         d_model=outputs.mean_abs.shape[1] if outputs is not None else None,
         ablation=dossier.ablation if dossier is not None else None,
         patching=dossier.patching if dossier is not None else None))

@@ -3,8 +3,9 @@ off the result objects (nothing is recomputed here)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
+import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ def findings(
     *,
     steering: SteeringComparison | None = None,
     subject: str = "irm",
+    subject_scales: Mapping[str, float] | None = None,
     striation: StriationScore | None = None,
     dominant: DominantNeurons | None = None,
     d_model: int | None = None,
@@ -30,11 +32,12 @@ def findings(
     """The findings of whatever results are given: ``claim``, ``finding``, ``verdict``.
 
     ``subject`` names the intervention in ``steering`` whose lift is the claim (the others are
-    its baselines).
+    its baselines); ``subject_scales`` the scale it is judged at in each decoding, chosen
+    beforehand (e.g. ``Recipe.decoding_scales()``; default: its best fluent point measured).
     """
     rows: list[dict[str, str]] = []
     if steering is not None and subject in set(steering.table.intervention):
-        rows += _steering_rows(steering, subject)
+        rows += _steering_rows(steering, subject, subject_scales)
     if striation is not None:
         s = striation
         rows.append(dict(
@@ -72,17 +75,20 @@ def _stripes_verdict(s: StriationScore) -> str:
     return "striated" if ratio >= 2 else f"barely striated (score {ratio:.1f}x the null)"
 
 
-def _steering_rows(steering: SteeringComparison, subject: str) -> list[dict[str, str]]:
-    """Per decoding: the subject's best fluent point (else its best point) beside the best
-    aligned point (fluent, CI above zero) of the other interventions."""
+def _steering_rows(steering: SteeringComparison, subject: str,
+                   scales: Mapping[str, float] | None) -> list[dict[str, str]]:
+    """Per decoding: the subject's point at its chosen scale (else its best fluent point, else
+    its best point) beside the best aligned point (fluent, CI above zero) of the others."""
     table = steering.table
     rows = []
     for decoding, part in table.groupby("decoding", sort=False):
         own = part[part.intervention == subject]
+        if scales is not None and np.isclose(own.scale, scales.get(decoding, np.nan)).any():
+            own = own[np.isclose(own.scale, scales[decoding])]
         others = part[(part.intervention != subject) & part.fluent & (part.ci_low > 0)]
         mine = own[own.fluent] if own.fluent.any() else own
         best = mine.sort_values("lift", ascending=False).iloc[0]
-        finding = (f"{steering.alignment} {best.lift:+.3f} [{best.ci_low:+.3f}, "
+        finding = (f"x{best.scale:g}: {steering.alignment} {best.lift:+.3f} [{best.ci_low:+.3f}, "
                    f"{best.ci_high:+.3f}], perplexity ratio {best.perplexity_ratio:.1f}")
         if len(others):
             rival = others.sort_values("lift", ascending=False).iloc[0]

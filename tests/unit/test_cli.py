@@ -101,10 +101,13 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
     assert "dominant neuron:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
     for name in ("irm", "caa (layer 2 x4)", "prompting"):  # the IRM beside its baselines
         assert f"{name} greedy: anger lift" in printed
+    # the recipe's sampled dose (0.9 on the IRM saved at 0.75) is measured, and judged there
+    assert "irm x1.2 sampled: anger lift" in printed
     run = json.loads((out / "irm" / "run.json").read_text())
     assert run["train_config"]["objective"] == "preference" and run["data"]["n_train"] == 10
     html = (out / "report.html").read_text()
     assert "Neuron " in html and "Steering beside its baselines" in html
+    assert "steered (irm, sampled)" in html and "x1.2: anger" in html
     stamp = (out / "irm" / "irm.safetensors").stat().st_mtime_ns
     assert main(args) == 0  # the finished training run is reused, not retrained
     assert (out / "irm" / "irm.safetensors").stat().st_mtime_ns == stamp

@@ -39,6 +39,26 @@ def test_steering_verdicts_compare_with_the_best_fluent_baseline():
     assert "caa +0.060" in sampled.finding
 
 
+def test_steering_verdicts_read_the_scale_chosen_for_each_decoding():
+    steering = _steering()
+    extra = pd.DataFrame([
+        # a stronger dose: fluent and larger in greedy (but not the one chosen for greedy),
+        # fluent and above CAA in sampled (the one chosen for sampled)
+        ("irm", 1.2, "greedy", 0.08, 0.04, 0.12, 2.3, True, "aligned"),
+        ("irm", 1.2, "sampled", 0.07, 0.04, 0.10, 3.3, True, "aligned"),
+    ], columns=steering.table.columns)
+    steering = irm_lens.SteeringComparison("anger", pd.concat([steering.table, extra]),
+                                           pd.DataFrame(), (), DegenerationThresholds())
+    best = findings(steering=steering).set_index("claim")
+    assert "x1.2: anger +0.080" in best.loc["steered (irm, greedy)"].finding
+    chosen = findings(steering=steering, subject_scales={"greedy": 1.0, "sampled": 1.2})
+    chosen = chosen.set_index("claim")
+    greedy, sampled = chosen.loc["steered (irm, greedy)"], chosen.loc["steered (irm, sampled)"]
+    assert "x1: anger +0.050" in greedy.finding
+    assert "x1.2: anger +0.070" in sampled.finding
+    assert sampled.verdict == "aligned; at least the best aligned baseline"
+
+
 def test_stripes_dominance_and_ablation_verdicts():
     stripes = StriationScore(0.2, 0.1, 0.7, 0.03, 0.01, 0.004, 200, 4)
     flat = StriationScore(0.04, 0.1, 0.86, 0.03, 0.01, 0.30, 200, 4)
