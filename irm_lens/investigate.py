@@ -148,8 +148,9 @@ def investigate(
         vector = caa_vector(model, s.alignment, recipe, out_dir / "irm")
         baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
     # The recipe's dose for each decoding (a trained IRM carries the greedy one); a given IRM
-    # is measured as it is.
-    irm_scales = sorted(set(recipe.decoding_scales().values())) if training is not None else [1.0]
+    # is measured, and judged, as it is.
+    chosen = recipe.decoding_scales() if training is not None else None
+    irm_scales = sorted(set(chosen.values())) if chosen else [1.0]
     steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
                                 max_new_tokens=s.eval_new_tokens, scales={"irm": irm_scales},
                                 progress=progress)
@@ -170,7 +171,7 @@ def investigate(
         out_dir / "report.html", title=f"irm_lens: {s.alignment} on {model.cfg.model_name}",
         run_dir=training.out_dir if training is not None else None, outputs=outputs,
         dossier=dossier, steering=steering, notes=notes,
-        subject_scales=recipe.decoding_scales() if training is not None else None,
+        subject_scales=chosen,
     )
     stage("report", t)
     return Investigation(out_dir, path, training, outputs, dominant, dossier, steering, times)

@@ -83,8 +83,9 @@ def _steering_rows(steering: SteeringComparison, subject: str,
     rows = []
     for decoding, part in table.groupby("decoding", sort=False):
         own = part[part.intervention == subject]
-        if scales is not None and np.isclose(own.scale, scales.get(decoding, np.nan)).any():
-            own = own[np.isclose(own.scale, scales[decoding])]
+        if scales is not None and decoding in scales:
+            chosen = own[np.isclose(own.scale, scales[decoding])]
+            own = chosen if len(chosen) else own
         others = part[(part.intervention != subject) & part.fluent & (part.ci_low > 0)]
         mine = own[own.fluent] if own.fluent.any() else own
         best = mine.sort_values("lift", ascending=False).iloc[0]
