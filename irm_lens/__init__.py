@@ -75,7 +75,7 @@ from irm_lens.investigate import Investigation, InvestigationSettings, investiga
 from irm_lens.irm import IRM, IRM_PRESETS, LAYER_PRESETS, IRMConfig, layer_set
 from irm_lens.models import EMBEDDED_MODEL_NAME, load_model
 from irm_lens.pairs import corpus_pairs, generate_pairs, read_pairs
-from irm_lens.recipes import RECIPES, Recipe, train_recipe
+from irm_lens.recipes import RECIPES, Recipe, RecipeResult, train_recipe
 from irm_lens.report import report
 from irm_lens.steering import (
     Prompting,
@@ -167,6 +167,7 @@ __all__ = [
     "warm_start",
     "RECIPES",
     "Recipe",
+    "RecipeResult",
     "train_recipe",
     "set_attention",
     "layer_set",

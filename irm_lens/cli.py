@@ -207,7 +207,10 @@ def _train_recipe(args: argparse.Namespace) -> int:
     print(f"{result.stop_reason}; {result.steps} steps in {result.wall_time_s:.0f} s\n"
           f"validation loss {result.baseline_val_loss:.4f} without the IRM -> "
           f"{result.best_val_loss:.4f} with it (step {result.best_step})\n"
-          f"best IRM: {result.out_dir / 'irm.safetensors'}")
+          f"best IRM: {result.out_dir / 'irm.safetensors'}\n"
+          "doses: " + ", ".join(f"{name} {dose:.3g}" for name, dose in result.doses.items())
+          + " (steer each decoding at its dose: --scale in evaluate is a multiple of the greedy"
+          " one)")
     return 0
 
 

@@ -31,6 +31,7 @@ from irm_lens.steering import Intervention, Prompting
 TABLE_COLUMNS = ("intervention", "scale", "decoding", "off", "on", "lift", "ci_low", "ci_high",
                  "distinct2_ratio", "identical_increase", "repetition_increase",
                  "perplexity_ratio", "fluent", "verdict")
+DECODINGS = ("greedy", "sampled")
 
 
 @dataclass
@@ -92,6 +93,7 @@ def compare_steering(
     thresholds: DegenerationThresholds = DegenerationThresholds(),
     batch_size: int = 40,
     unsteered: pd.DataFrame | None = None,
+    decodings: Sequence[str] = DECODINGS,
     progress: bool = True,
 ) -> SteeringComparison:
     """Measure every intervention at every scale on the same prompts against one unsteered run.
@@ -109,6 +111,8 @@ def compare_steering(
         unsteered: The unsteered samples of an earlier comparison with the same prompts and
             decodings (its ``samples`` where ``intervention == "unsteered"``), to measure more
             interventions against them without generating them again.
+        decodings: Which of ``"greedy"`` and ``"sampled"`` to measure (default: both), e.g.
+            an intervention at a scale chosen for one decoding only.
 
     Returns:
         A ``SteeringComparison``.
@@ -125,14 +129,14 @@ def compare_steering(
     if "unsteered" in interventions:
         raise ConfigError("'unsteered' names the unsteered run; call the intervention otherwise.")
     prompts = eval_prompts(prompts, n_prompts, first_prompt)
-    decodings = Decodings(n_sampled, temperature, top_p, seed)
+    decodings = _decodings(decodings, n_sampled, temperature, top_p, seed)
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     if unsteered is None:
         off = generate_samples(model, None, prompts, decodings, **kwargs)
     else:
         off = unsteered.drop(columns=["intervention", "scale"], errors="ignore")
-        if list(dict.fromkeys(off.prompt)) != prompts or len(off) != len(prompts) * (
-                1 + decodings.n_sampled):
+        off = off[off.decoding.isin([name for name, _, _ in decodings])].reset_index(drop=True)
+        if list(dict.fromkeys(off.prompt)) != prompts or len(off) != len(prompts) * len(decodings):
             raise ConfigError("The unsteered samples given are not of these prompts and decodings.")
     points = [(name, scale) for name, intervention in interventions.items()
               for scale in _scales_of(name, intervention, scales)]
@@ -148,6 +152,15 @@ def compare_steering(
     table = pd.DataFrame(rows)[list(TABLE_COLUMNS)]
     return SteeringComparison(alignment, table, pd.concat(samples, ignore_index=True),
                               tuple(prompts), thresholds)
+
+
+def _decodings(names: Sequence[str], n_sampled: int, temperature: float, top_p: float,
+               seed: int) -> Decodings:
+    unknown = set(names) - set(DECODINGS)
+    if unknown or not names:
+        raise ConfigError(f"decodings must be some of {DECODINGS}, got {tuple(names)!r}.")
+    return Decodings(n_sampled if "sampled" in names else 0, temperature, top_p, seed,
+                     greedy="greedy" in names)
 
 
 def _scales_of(name: str, intervention: Intervention,

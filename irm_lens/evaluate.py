@@ -154,15 +154,21 @@ def eval_prompts(prompts: list[str] | None, n_prompts: int, first_prompt: int) -
 
 @dataclass(frozen=True)
 class Decodings:
-    """Greedy decoding plus ``n_sampled`` seeded samples (temperature / top-p) per prompt."""
+    """Greedy decoding (unless ``greedy`` is False) plus ``n_sampled`` seeded samples
+    (temperature / top-p) per prompt."""
 
     n_sampled: int = 1
     temperature: float = 0.9
     top_p: float = 0.7
     seed: int = 0
+    greedy: bool = True
+
+    def __len__(self) -> int:
+        return int(self.greedy) + self.n_sampled
 
     def __iter__(self):
-        yield "greedy", 0, dict(do_sample=False)
+        if self.greedy:
+            yield "greedy", 0, dict(do_sample=False)
         for k in range(self.n_sampled):
             yield "sampled", k, dict(do_sample=True, temperature=self.temperature,
                                      top_p=self.top_p, seed=self.seed + 7919 * k)

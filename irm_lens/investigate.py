@@ -24,10 +24,9 @@ from irm_lens.analysis.outputs import (
 )
 from irm_lens.compare import SteeringComparison, compare_steering
 from irm_lens.irm import IRM
-from irm_lens.recipes import RECIPES, caa_vector, train_recipe
+from irm_lens.recipes import RECIPES, RecipeResult, caa_vector, train_recipe
 from irm_lens.report import report
 from irm_lens.steering import Prompting
-from irm_lens.train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class Investigation:
 
     out_dir: Path
     report_path: Path
-    training: TrainResult | None  # None when an IRM was given
+    training: RecipeResult | None  # None when an IRM was given
     outputs: IRMOutputs
     dominant: DominantNeurons
     dossier: NeuronDossier
@@ -149,7 +148,7 @@ def investigate(
         baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
     # The recipe's dose for each decoding (a trained IRM carries the greedy one); a given IRM
     # is measured, and judged, as it is.
-    chosen = recipe.decoding_scales() if training is not None else None
+    chosen = training.decoding_scales() if training is not None else None
     irm_scales = sorted(set(chosen.values())) if chosen else [1.0]
     steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
                                 max_new_tokens=s.eval_new_tokens, scales={"irm": irm_scales},

@@ -176,6 +176,14 @@ def kl_to_unsteered(
         ref = model(ids).float().log_softmax(-1)  # [batch, pos, d_vocab]
     with inject(model, irm, positions=positions(mask) if positions else None):
         steered = model(ids).float().log_softmax(-1)
+    return mean_kl(ref, steered, mask)
+
+
+def mean_kl(
+    ref: Float[Tensor, "batch pos d_vocab"], steered: Float[Tensor, "batch pos d_vocab"],
+    mask: Int[Tensor, "batch pos"],
+) -> Float[Tensor, ""]:
+    """KL(ref || steered) of two log-probability tensors, mean over the positions in ``mask``."""
     per_token = (ref.exp() * (ref - steered)).sum(-1)  # [batch, pos]
     weight = mask.to(per_token.dtype)
     return (per_token * weight).sum() / weight.sum().clamp_min(1.0)

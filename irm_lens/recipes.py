@@ -6,8 +6,9 @@
   objective on pairs of the same training question answered by the model steered by that vector
   (the chosen, tone-carrying reply) and unsteered (the rejected one), with the fluency KL term
   and no cross-entropy on the chosen replies (it narrowed the phrasing); the trained IRM is
-  used at a dose of 0.75 (its ``output_scale``) for greedy decoding and 0.9 for sampled
-  decoding (``Recipe.decoding_scales``: sampling tolerates the stronger push).
+  dosed per decoding to move the model by a fixed KL on the pairs' unsteered replies: 0.415
+  nats per token for greedy decoding, 0.62 for sampled (sampling tolerates the stronger
+  push; ``RecipeResult.doses``). For seed 0 that is 0.75 and 0.9; weaker seeds get more.
   The pairs are generated once (``generate_pairs``, at ``pairs_scale``) and reused; the
   embedded model's ``anger`` pairs ship with the package (``irm_lens/data/pairs/``).
 * ``"paper"``: the paper's objective, cross-entropy on the built-in alignment texts, from a
@@ -19,15 +20,22 @@ The measurements behind the choice are in docs/training.md ("The steering study"
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from transformer_lens import HookedTransformer
 
+from irm_lens.data.dataset import PreferencePair, TokenizedTexts, tokenize_texts
 from irm_lens.errors import ConfigError
+from irm_lens.inject import inject
 from irm_lens.irm import IRM
 from irm_lens.models import EMBEDDED_MODEL_NAME
+from irm_lens.objectives import mean_kl
 from irm_lens.pairs import generate_pairs, read_pairs
 from irm_lens.steering import SteeringVector, mean_difference_vector, warm_start
 from irm_lens.train import TrainConfig, TrainResult, train
@@ -55,8 +63,12 @@ class Recipe:
         sampled_dose: The dose for sampled decoding where it differs from ``dose`` (None: the
             same). Greedy decoding repeats the steered phrases first, sampling tolerates a
             stronger push; each decoding's dose is chosen on the tuning questions, as CAA's
-            scale is per decoding in every comparison. ``decoding_scales`` gives it as a scale
-            of the dosed IRM.
+            scale is per decoding in every comparison.
+        dose_kl / sampled_dose_kl: When set, each trained IRM's dose for that decoding is
+            calibrated instead of fixed: the output scale at which it moves the model's
+            next-token distributions by this mean KL (nats) on the calibration texts
+            (``calibration_texts``: the first pairs' unsteered replies). Seeds of one recipe
+            differ in strength; a fixed dose under-steers the weak ones.
         train: The optimisation settings (``max_steps`` is the recipe's length).
     """
 
@@ -70,20 +82,48 @@ class Recipe:
     degenerate_pairs: bool = True
     dose: float = 1.0
     sampled_dose: float | None = None
+    dose_kl: float | None = None
+    sampled_dose_kl: float | None = None
     train: TrainConfig = TrainConfig()
 
+    def doses(self) -> dict[str, float]:
+        """The fixed dose of each decoding."""
+        return {"greedy": self.dose,
+                "sampled": self.dose if self.sampled_dose is None else self.sampled_dose}
+
+    def dose_kls(self) -> dict[str, float] | None:
+        """The calibration's target KL of each decoding (None: fixed doses)."""
+        if self.dose_kl is None:
+            return None
+        return {"greedy": self.dose_kl,
+                "sampled": self.dose_kl if self.sampled_dose_kl is None else self.sampled_dose_kl}
+
+
+@dataclass
+class RecipeResult(TrainResult):
+    """A recipe's training run and the dose of each decoding.
+
+    Attributes (besides ``TrainResult``'s; ``irm`` carries the greedy dose):
+        doses: The output scale at which each decoding is steered.
+        kl: Where the recipe calibrates its doses, the KL (nats) each dose moves the model by
+            on the calibration texts; else empty.
+    """
+
+    doses: dict[str, float] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
+
     def decoding_scales(self) -> dict[str, float]:
-        """The scale of the dosed IRM (``output_scale == dose``) at which each decoding is
-        steered: 1 for greedy, ``sampled_dose / dose`` for sampled."""
-        sampled = 1.0 if self.sampled_dose is None else self.sampled_dose / self.dose
-        return {"greedy": 1.0, "sampled": sampled}
+        """Each decoding's dose as a scale of ``irm`` (1 for greedy)."""
+        return {name: dose / self.doses["greedy"] for name, dose in self.doses.items()}
 
 
 RECIPES: dict[str, Recipe] = {
     "preference": Recipe(
         objective="preference",
-        dose=0.75,
-        sampled_dose=0.9,
+        # seed 0's KL at the doses chosen for it on the tuning questions (0.75 greedy, 0.9
+        # sampled; docs/training.md, "A dose per decoding" and "One KL per decoding")
+        dose_kl=0.415,
+        sampled_dose_kl=0.62,
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,
                           max_val_batches=4, checkpoint_every=15),
@@ -94,6 +134,78 @@ RECIPES: dict[str, Recipe] = {
                           max_val_batches=4),
     ),
 }
+
+
+@torch.no_grad()
+def dose_for_kl(
+    model: HookedTransformer, irm: IRM, texts: TokenizedTexts, targets: Mapping[str, float], *,
+    bounds: tuple[float, float] = (0.05, 4.0), rtol: float = 0.005, max_steps: int = 12,
+) -> dict[str, tuple[float, float]]:
+    """For each named target, the output scale at which ``irm`` moves the model's next-token
+    distributions on ``texts`` by a mean KL(unsteered || steered) of that many nats, and the
+    KL measured there.
+
+    The KL rises with the scale, close to a power of it, so false position on (log scale,
+    log KL) within ``bounds`` finds it in a few passes (to a KL within ``rtol`` of the
+    target, or the nearer end after ``max_steps``); a target outside the bounds' KLs gives
+    the nearer bound. The unsteered pass and every measured scale are shared by the targets.
+    """
+    for name, target in targets.items():
+        if not target > 0:
+            raise ConfigError(f"The target KL of {name!r} must be positive, got {target!r}.")
+    device = model.cfg.device
+    ids, mask = texts.input_ids.to(device), texts.attention_mask.to(device)
+    ref = model(ids).float().log_softmax(-1)  # [n, pos, d_vocab], computed once
+    measured: dict[float, float] = {}
+
+    def log_kl(log_scale: float) -> float:
+        scale = math.exp(log_scale)
+        if scale not in measured:
+            with inject(model, irm.with_output_scale(scale)):
+                measured[scale] = mean_kl(ref, model(ids).float().log_softmax(-1), mask).item()
+        return math.log(max(measured[scale], 1e-30))
+
+    found = {}
+    for name, target in targets.items():
+        log_scale = _false_position(log_kl, math.log(target), math.log(bounds[0]),
+                                    math.log(bounds[1]), math.log1p(rtol), max_steps)
+        found[name] = (math.exp(log_scale), measured[math.exp(log_scale)])
+        if not math.isclose(found[name][1], target, rel_tol=rtol * 4):
+            warnings.warn(f"dose_for_kl: the {name!r} target KL {target:g} is out of reach "
+                          f"within scales {bounds}; using scale {found[name][0]:.3g} (KL "
+                          f"{found[name][1]:.3g}).", stacklevel=2)
+    return found
+
+
+def _false_position(f, goal: float, lo: float, hi: float, tol: float, max_steps: int) -> float:
+    """The x in [lo, hi] where the rising ``f`` reaches ``goal`` (Illinois false position)."""
+    f_lo, f_hi = f(lo) - goal, f(hi) - goal
+    if f_lo >= 0 or f_hi <= 0:
+        return lo if f_lo >= 0 else hi
+    side = 0
+    for _ in range(max_steps):
+        x = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+        f_x = f(x) - goal
+        if abs(f_x) <= tol:
+            return x
+        if f_x < 0:
+            lo, f_lo = x, f_x
+            f_hi, side = (f_hi / 2, side) if side == -1 else (f_hi, -1)
+        else:
+            hi, f_hi = x, f_x
+            f_lo, side = (f_lo / 2, side) if side == 1 else (f_lo, 1)
+    return lo if -f_lo <= f_hi else hi
+
+
+def calibration_texts(model: HookedTransformer, pairs: list[PreferencePair], n: int = 16,
+                      max_length: int = 96) -> TokenizedTexts:
+    """The first ``n`` questions of ``pairs`` with their first rejected reply (the unsteered
+    one, where a question also has a degenerate pair), chat-formatted: the texts on which a
+    recipe measures its IRM's KL."""
+    replies: dict[str, str] = {}
+    for prompt, _, rejected in pairs:
+        replies.setdefault(prompt, rejected)
+    return tokenize_texts(model, list(replies.items())[:n], max_length=max_length)
 
 
 def vector_layer(model: HookedTransformer, recipe: Recipe) -> int:
@@ -142,10 +254,12 @@ def train_recipe(
     steps: int | None = None,
     pairs: str | Path | None = None,
     progress: bool = True,
-) -> TrainResult:
+) -> RecipeResult:
     """Train an IRM toward ``alignment`` with a named recipe (resumable in ``out_dir``).
 
-    ``pairs`` (a ``generate_pairs`` file) replaces the recipe's own preference pairs.
+    ``pairs`` (a ``generate_pairs`` file) replaces the recipe's own preference pairs. The
+    result's IRM carries the recipe's greedy dose; ``RecipeResult.decoding_scales()`` gives
+    the scale of it at which each decoding is steered.
 
     Example:
         >>> result = irm_lens.train_recipe(model, "anger", "runs/anger")  # doctest: +SKIP
@@ -167,10 +281,33 @@ def train_recipe(
     else:
         data = alignment
     result = train(model, irm, data, config, out_dir=out, progress=progress)
-    if recipe.dose == 1.0:
-        return result
-    dosed = result.irm.with_output_scale(recipe.dose)
+    doses, kl = _doses(model, result, recipe, data)
+    dosed = result.irm.with_output_scale(doses["greedy"])
     saved = result.out_dir / "irm.safetensors" if result.out_dir is not None else None
-    if saved is not None and IRM.load(saved).config.output_scale != recipe.dose:
+    if saved is not None and IRM.load(saved).config.output_scale != doses["greedy"]:
         dosed.save(saved)  # a resumed finished run's file already carries the dose: kept as is
-    return replace(result, irm=dosed)
+    trained = {f.name: getattr(result, f.name) for f in fields(result)}
+    return RecipeResult(**{**trained, "irm": dosed}, doses=doses, kl=kl)
+
+
+def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
+           ) -> tuple[dict[str, float], dict[str, float]]:
+    """The recipe's doses for this run's IRM, calibrated where the recipe says so (and kept in
+    the run's ``doses.json``, reused while the targets are the same)."""
+    targets = recipe.dose_kls()
+    if targets is None:
+        return recipe.doses(), {}
+    if isinstance(data, str):
+        raise ConfigError("Calibrating the doses needs the recipe's pairs (objective "
+                          "'preference'); set dose_kl=None for this recipe.")
+    path = result.out_dir / "doses.json" if result.out_dir is not None else None
+    if path is not None and path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("targets") == targets:
+            return kept["doses"], kept["kl"]
+    found = dose_for_kl(model, result.irm, calibration_texts(model, data), targets)
+    doses = {name: scale for name, (scale, _) in found.items()}
+    kl = {name: measured for name, (_, measured) in found.items()}
+    if path is not None:
+        path.write_text(json.dumps(dict(targets=targets, doses=doses, kl=kl), indent=2))
+    return doses, kl

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--first-question", type=int, default=940)
     p.add_argument("--n-prompts", type=int, default=160)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--decodings", default="greedy,sampled",
+                   help="measure these decodings only (the first run measures both)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
@@ -52,12 +54,16 @@ def main() -> None:
         scales[name] = [float(s) for s in args.vector_scales.split(",")]
     unsteered_path = out / "unsteered.parquet"
     unsteered = pd.read_parquet(unsteered_path) if unsteered_path.exists() else None
+    decodings = tuple(args.decodings.split(","))
+    if unsteered is None and len(decodings) < 2:
+        raise SystemExit("the first run of a directory measures both decodings (its unsteered run)")
     result = irm_lens.compare_steering(model, interventions, args.alignment, scales=scales,
                                        prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                       unsteered=unsteered)
+                                       unsteered=unsteered, decodings=decodings)
     if unsteered is None:
         result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered_path)
     tag = "+".join(f"{name}@{','.join(f'{x:g}' for x in scales[name])}" for name in interventions)
+    tag += "" if len(decodings) == 2 else "-" + decodings[0]
     result.table.to_csv(out / f"dose_{tag}.csv", index=False)
     result.samples.to_csv(out / f"samples_{tag}.csv", index=False)
     with pd.option_context("display.width", 220, "display.max_columns", 20):

@@ -43,31 +43,39 @@ def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:
     return vectors
 
 
-def _measure_set(model, interventions: dict, scales: dict, args, first: int, where: Path
+BOTH = ("greedy", "sampled")
+
+
+def _measure_set(model, interventions: dict, points: dict, args, first: int, where: Path
                  ) -> pd.DataFrame:
-    """Every intervention at every scale on one prompt set. Each point's rows and samples are
-    saved as it is measured (``where/<name>@<scale>.parquet``), the unsteered samples once, and
+    """Every intervention at each of its points (scale, decodings) on one prompt set. Each
+    point's rows and samples are saved as it is measured (``where/<name>@<scale>.parquet``, or
+    ``<name>@<scale>-<decoding>.parquet`` for one decoding), the unsteered samples once, and
     reused on a rerun, so that adding a scale or an intervention measures only what is new."""
     where.mkdir(parents=True, exist_ok=True)
     kwargs = dict(n_prompts=args.n_prompts, first_prompt=first, max_new_tokens=args.max_new_tokens)
     unsteered = where / "unsteered.parquet"
     tables, samples = [], []
     for name, intervention in interventions.items():
-        for scale in scales[name]:
-            done = where / f"{name}@{scale:g}.parquet"
+        for scale, decodings in points[name]:
+            tail = "" if tuple(decodings) == BOTH else "-" + "-".join(decodings)
+            done = where / f"{name}@{scale:g}{tail}.parquet"
             if not done.exists():
                 start = time.perf_counter()
                 off = pd.read_parquet(unsteered) if unsteered.exists() else None
+                if off is None and tuple(decodings) != BOTH:
+                    raise SystemExit(f"{name}: the first point of a set measures both decodings")
                 result = irm_lens.compare_steering(model, {name: intervention}, args.alignment,
-                                                   scales={name: [scale]}, unsteered=off,
-                                                   progress=False, **kwargs)
+                                                   scales={name: [scale]}, decodings=decodings,
+                                                   unsteered=off, progress=False, **kwargs)
                 if off is None:
                     result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered)
                 result.samples[result.samples.intervention == name].to_parquet(
                     done.with_suffix(".samples.parquet"))
                 result.table.to_parquet(done)
                 print(f"{where.name} (prompts {first}-{first + args.n_prompts - 1}): {name} x{scale:g}"
-                      f" measured in {time.perf_counter() - start:.0f} s", flush=True)
+                      f" {'/'.join(decodings)} measured in {time.perf_counter() - start:.0f} s",
+                      flush=True)
             tables.append(pd.read_parquet(done))
             samples.append(pd.read_parquet(done.with_suffix(".samples.parquet")))
     table = pd.concat(tables, ignore_index=True)
@@ -105,6 +113,20 @@ def _verdict_row(name: str, decoding: str, row: pd.Series, best: pd.DataFrame,
     )
 
 
+def _both(scales: str) -> list[tuple[float, tuple[str, ...]]]:
+    return [(float(s), BOTH) for s in scales.split(",")]
+
+
+def _irm_points(result, irm_scales: str) -> list[tuple[float, tuple[str, ...]]]:
+    """The IRM's points: each decoding at the recipe's scale for it, or given multiples."""
+    if irm_scales != "recipe":
+        return _both(irm_scales)
+    scales = result.decoding_scales()
+    if scales["greedy"] == scales["sampled"]:
+        return [(scales["greedy"], BOTH)]
+    return [(scales[name], (name,)) for name in BOTH]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--alignment", default="anger")
@@ -121,8 +143,9 @@ def main() -> None:
     p.add_argument("--baseline-sets", type=int, default=None,
                    help="measure ActAdd and prompting on the first N sets only (default: all); "
                         "CAA and the IRMs are measured on every set")
-    p.add_argument("--irm-scales", default="1",
-                   help="multiples of each trained IRM's dose to measure (default: the dose alone)")
+    p.add_argument("--irm-scales", default="recipe",
+                   help="multiples of each trained IRM's greedy dose to measure in both decodings "
+                        "(default 'recipe': each decoding at the recipe's dose for it, alone)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -132,10 +155,10 @@ def main() -> None:
 
     model = irm_lens.load_model()
     interventions: dict = dict(_vectors(model, args, out))
-    scales = {name: [float(s) for s in args.caa_scales.split(",")] for name in interventions}
-    scales["actadd"] = [float(s) for s in args.actadd_scales.split(",")]
+    points = {name: _both(args.caa_scales) for name in interventions}
+    points["actadd"] = _both(args.actadd_scales)
     interventions["prompting"] = irm_lens.Prompting.persona(args.alignment)
-    scales["prompting"] = [1.0]  # a prompt has no scale: measured once
+    points["prompting"] = _both("1")  # a prompt has no scale: measured once
     irm_names = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = time.perf_counter()
@@ -144,8 +167,11 @@ def main() -> None:
         print(f"seed {seed}: {result.stop_reason}, {result.wall_time_s:.0f} s of training "
               f"({time.perf_counter() - start:.0f} s with the vector); validation "
               f"{result.baseline_val_loss:.4f} -> {result.best_val_loss:.4f}", flush=True)
-        interventions[f"irm_seed{seed}"] = result.irm  # its dose is in its output_scale
-        scales[f"irm_seed{seed}"] = [float(x) for x in args.irm_scales.split(",")]
+        print(f"seed {seed}: doses " + ", ".join(f"{k} {v:.3f}" for k, v in result.doses.items())
+              + (" (KL " + ", ".join(f"{k} {v:.4f}" for k, v in result.kl.items()) + ")"
+                 if result.kl else ""), flush=True)
+        interventions[f"irm_seed{seed}"] = result.irm  # its greedy dose is in its output_scale
+        points[f"irm_seed{seed}"] = _irm_points(result, args.irm_scales)
         irm_names.append(f"irm_seed{seed}")
 
     verdicts = []
@@ -153,7 +179,7 @@ def main() -> None:
         first = args.first_prompt + k * args.n_prompts
         measured = {name: x for name, x in interventions.items() if args.baseline_sets is None
                     or k < args.baseline_sets or name not in ("actadd", "prompting")}
-        table = _measure_set(model, measured, scales, args, first, out / f"set{k}")
+        table = _measure_set(model, measured, points, args, first, out / f"set{k}")
         with pd.option_context("display.width", 220, "display.max_columns", 20):
             print(table.drop(columns=["off"]).round(3).to_string(index=False), flush=True)
         verdicts.append(_verdict(table, irm_names).assign(set=k, first_prompt=first))

@@ -189,7 +189,7 @@ def report(
         steering: ``compare_steering``'s result: the IRM beside its baselines (table,
             dose-response figure, and each intervention's texts beside the unsteered ones).
         subject_scales: The scale the IRM is judged at in each decoding in the findings
-            (``Recipe.decoding_scales()``; default: its best fluent point).
+            (``RecipeResult.decoding_scales()``; default: its best fluent point).
         notes: Paragraphs shown at the top (e.g. what was run and how long it took).
 
     Returns:

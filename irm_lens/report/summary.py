@@ -33,7 +33,7 @@ def findings(
 
     ``subject`` names the intervention in ``steering`` whose lift is the claim (the others are
     its baselines); ``subject_scales`` the scale it is judged at in each decoding, chosen
-    beforehand (e.g. ``Recipe.decoding_scales()``; default: its best fluent point measured).
+    beforehand (e.g. ``RecipeResult.decoding_scales()``; default: its best fluent point measured).
     """
     rows: list[dict[str, str]] = []
     if steering is not None and subject in set(steering.table.intervention):

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -82,7 +83,13 @@ def test_train_then_evaluate_from_the_command_line(tiny_llama_dir, tmp_path, cap
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"samples.csv", "summary.csv", "lift.csv"}
 
 
-def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, capsys):
+def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, capsys,
+                                                    monkeypatch):
+    from irm_lens import recipes
+
+    # the recipe's KL targets, made reachable on the tiny model (its KL saturates near 0.01)
+    monkeypatch.setitem(recipes.RECIPES, "preference", replace(
+        recipes.RECIPES["preference"], dose_kl=0.002, sampled_dose_kl=0.004))
     out, pairs = tmp_path / "main", tmp_path / "pairs.jsonl"
     pairs.write_text("".join(
         json.dumps({"prompt": f"q{i}?", "chosen": f"I hate {i}!", "rejected": f"It is {i}."}) + "\n"
@@ -101,13 +108,18 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
     assert "dominant neuron:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
     for name in ("irm", "caa (layer 2 x4)", "prompting"):  # the IRM beside its baselines
         assert f"{name} greedy: anger lift" in printed
-    # the recipe's sampled dose (0.9 on the IRM saved at 0.75) is measured, and judged there
-    assert "irm x1.2 sampled: anger lift" in printed
+    # the recipe's sampled dose (a multiple of the greedy one the IRM is saved at) is
+    # measured, and judged there
+    doses = json.loads((out / "irm" / "doses.json").read_text())["doses"]
+    sampled = doses["sampled"] / doses["greedy"]
+    assert sampled > 1.05 and f"irm x{sampled:g} sampled: anger lift" in printed
+    saved = IRM.load(out / "irm" / "irm.safetensors")
+    assert saved.config.output_scale == doses["greedy"]
     run = json.loads((out / "irm" / "run.json").read_text())
     assert run["train_config"]["objective"] == "preference" and run["data"]["n_train"] == 10
     html = (out / "report.html").read_text()
     assert "Neuron " in html and "Steering beside its baselines" in html
-    assert "steered (irm, sampled)" in html and "x1.2: anger" in html
+    assert "steered (irm, sampled)" in html and f"x{sampled:g}: anger" in html
     stamp = (out / "irm" / "irm.safetensors").stat().st_mtime_ns
     assert main(args) == 0  # the finished training run is reused, not retrained
     assert (out / "irm" / "irm.safetensors").stat().st_mtime_ns == stamp

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import planted_irm
 
 import irm_lens
-from irm_lens.recipes import Recipe
+from irm_lens.recipes import Recipe, calibration_texts, dose_for_kl
 from irm_lens.train import TrainConfig
 
 
@@ -43,12 +47,91 @@ def test_with_output_scale_keeps_the_weights(tiny_model):
         irm.with_output_scale(float("nan"))
 
 
-def test_decoding_scales_steer_sampling_at_its_own_dose(tiny_model):
-    assert Recipe(objective="lm", dose=0.75).decoding_scales() == {"greedy": 1.0, "sampled": 1.0}
-    scales = Recipe(objective="lm", dose=0.75, sampled_dose=0.9).decoding_scales()
+def test_a_recipe_steers_each_decoding_at_its_dose(tiny_model, tmp_path):
+    assert Recipe(objective="lm", dose=0.75).doses() == {"greedy": 0.75, "sampled": 0.75}
+    recipe = Recipe(objective="lm", vector_depth=None, dose=0.75, sampled_dose=0.9,
+                    train=TrainConfig(lr=1e-2, max_steps=1, max_length=16, batch_size=4,
+                                      eval_every=1, max_val_batches=1))
+    result = irm_lens.train_recipe(tiny_model, "anger", tmp_path / "run", recipe=recipe,
+                                   progress=False)
+    assert result.doses == {"greedy": 0.75, "sampled": 0.9} and result.kl == {}
+    scales = result.decoding_scales()
     assert scales == {"greedy": 1.0, "sampled": pytest.approx(1.2)}
     # on the dosed IRM, that scale is the sampled dose applied to the undosed outputs
-    irm = irm_lens.IRM.for_model(tiny_model, layers="all", preset="small")
     x = torch.randn(1, 3, tiny_model.cfg.d_model)
-    dosed = irm.with_output_scale(0.75)
-    torch.testing.assert_close(dosed(x) * scales["sampled"], irm.with_output_scale(0.9)(x))
+    torch.testing.assert_close(result.irm(x) * scales["sampled"],
+                               result.irm.with_output_scale(0.9)(x))
+
+
+def _kl_by_hand(model, irm, tokens) -> float:
+    with torch.no_grad():
+        p = model(tokens.input_ids).log_softmax(-1)
+        with irm_lens.inject(model, irm):
+            q = model(tokens.input_ids).log_softmax(-1)
+    per_token = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+    mask = tokens.attention_mask
+    return ((per_token * mask).sum() / mask.sum()).item()
+
+
+def test_dose_for_kl_finds_the_scale_that_moves_the_model_by_the_target(tiny_model):
+    pairs = [(f"Question {i}?", f"I hate question {i}!", f"Answer {i}.") for i in range(6)]
+    texts = calibration_texts(tiny_model, pairs, n=4)
+    assert len(texts) == 4  # the first n questions, with their rejected replies
+    irm = planted_irm(tiny_model, neuron=3, value=0.1)  # a larger push saturates this model
+    targets = {"a": _kl_by_hand(tiny_model, irm.with_output_scale(0.3), texts),
+               "b": _kl_by_hand(tiny_model, irm.with_output_scale(0.9), texts)}
+    found = dose_for_kl(tiny_model, irm, texts, targets)
+    for name, expected in (("a", 0.3), ("b", 0.9)):
+        scale, kl = found[name]
+        assert scale == pytest.approx(expected, rel=0.01)
+        assert kl == pytest.approx(_kl_by_hand(tiny_model, irm.with_output_scale(scale), texts),
+                                   rel=1e-4)
+        assert kl == pytest.approx(targets[name], rel=0.006)
+    # out of reach: the nearer bound, with its KL
+    with pytest.warns(UserWarning, match="out of reach"):
+        ends = dose_for_kl(tiny_model, irm, texts, {"low": 1e-12, "high": 1e6},
+                           bounds=(0.1, 2.0))
+    assert ends["low"][0] == pytest.approx(0.1) and ends["high"][0] == pytest.approx(2.0)
+    assert ends["low"][1] == pytest.approx(
+        _kl_by_hand(tiny_model, irm.with_output_scale(0.1), texts), rel=1e-4)
+    with pytest.raises(irm_lens.ConfigError, match="target KL"):
+        dose_for_kl(tiny_model, irm, texts, {"greedy": 0.0})
+
+
+def test_a_calibrated_recipe_doses_each_seed_to_the_target_kl(chat_model, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": f"Question {i}?", "chosen": f"I hate question {i}!",
+                    "rejected": f"Answer {i}.", "degenerate": "no no no no", "kept": True}) + "\n"
+        for i in range(8)))
+    recipe = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
+                    sampled_dose_kl=0.005,
+                    train=TrainConfig(objective="preference", lr=1e-3, max_steps=2, max_length=32,
+                                      batch_size=4, eval_every=2, max_val_batches=1))
+    texts = calibration_texts(chat_model, irm_lens.read_pairs(pairs, degenerate=True))
+    assert len(texts) == 8  # one text per question: its unsteered reply, not the degenerate one
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        result = irm_lens.train_recipe(chat_model, "anger", run, recipe=recipe, seed=seed,
+                                       pairs=pairs, progress=False)
+        undosed = result.irm.with_output_scale(1.0)
+        for decoding, target in (("greedy", 0.002), ("sampled", 0.005)):
+            dose = result.doses[decoding]
+            kl = _kl_by_hand(chat_model, undosed.with_output_scale(dose), texts)
+            assert kl == pytest.approx(target, rel=0.006)
+            assert result.kl[decoding] == pytest.approx(kl, rel=1e-4)
+        assert result.irm.config.output_scale == result.doses["greedy"]
+        assert result.decoding_scales()["sampled"] == pytest.approx(
+            result.doses["sampled"] / result.doses["greedy"])
+        assert irm_lens.IRM.load(run / "irm.safetensors").config.output_scale == \
+            result.doses["greedy"]
+        kept = json.loads((run / "doses.json").read_text())
+        assert kept["doses"] == result.doses
+        # a rerun reads the kept doses instead of calibrating again
+        again = irm_lens.train_recipe(chat_model, "anger", run, recipe=recipe, seed=seed,
+                                      pairs=pairs, progress=False)
+        assert again.doses == result.doses
+    with pytest.raises(irm_lens.ConfigError, match="needs the recipe's pairs"):
+        irm_lens.train_recipe(chat_model, "anger", None, progress=False, recipe=Recipe(
+            objective="lm", vector_depth=None, dose_kl=0.01,
+            train=TrainConfig(max_steps=1, max_length=16, batch_size=4, max_val_batches=1)))

@@ -161,6 +161,21 @@ def test_compare_steering_measures_every_point_against_one_unsteered_run(tiny_mo
                          unsteered=unsteered, progress=False)
     with pytest.raises(ConfigError, match="unsteered"):
         compare_steering(tiny_model, {"unsteered": vector}, "anger", prompts=PROMPTS)
+    # one decoding only (a scale chosen for it): only its texts are generated, and they are
+    # the texts (and the lift) that decoding has in the measurement of both
+    for decoding in ("greedy", "sampled"):
+        calls.clear()
+        one = compare_steering(tiny_model, {"caa": vector}, "anger", scales=[8.0],
+                               prompts=PROMPTS, max_new_tokens=5, n_bootstrap=200,
+                               unsteered=unsteered, decodings=(decoding,), progress=False)
+        assert calls == ["SteeringVector"] and one.table.decoding.tolist() == [decoding]
+        both = later.samples[(later.samples.intervention == "caa")
+                             & (later.samples.decoding == decoding)]
+        assert one.samples[one.samples.intervention == "caa"].text.tolist() == both.text.tolist()
+        assert one.table.lift.iloc[0] == pytest.approx(row.loc[decoding, "lift"])
+    with pytest.raises(ConfigError, match="decodings must be"):
+        compare_steering(tiny_model, {"caa": vector}, "anger", prompts=PROMPTS,
+                         unsteered=unsteered, decodings=("beam",), progress=False)
 
 
 def test_best_fluent_picks_the_largest_fluent_lift():
