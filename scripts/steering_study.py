@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 import irm_lens
+from irm_lens.compare import DECODINGS as BOTH
 from irm_lens.evaluate import DegenerationThresholds
 from irm_lens.recipes import RECIPES, train_recipe
 from irm_lens.report.figures import dose_response_figure
@@ -41,9 +42,6 @@ def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:
         irm_lens.actadd_vector(model, positive, negative, layers=args.actadd_layer).save(path)
     vectors["actadd"] = irm_lens.SteeringVector.load(path, model)
     return vectors
-
-
-BOTH = ("greedy", "sampled")
 
 
 def _measure_set(model, interventions: dict, points: dict, args, first: int, where: Path
