@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
@@ -275,6 +275,10 @@ def _train(
 ) -> TrainResult:
     start = time.perf_counter()
     irm.check_compatible(model)
+    if out_dir is not None and resume and not ranks.distributed:
+        finished = _finished_run(_RunDir(Path(out_dir)), model, irm, data, config)
+        if finished is not None:
+            return replace(finished, wall_time_s=time.perf_counter() - start)
     loop = _Loop.prepare(model, irm, data, config, ranks, Path(out_dir) if out_dir else None)
     state = loop.state
     if loop.run is not None:
@@ -306,6 +310,42 @@ def _train(
         stop_reason=state.stop_reason,
         history=history,
         wall_time_s=time.perf_counter() - start,
+    )
+
+
+def _finished_run(run: _RunDir, model: HookedTransformer, irm: IRM, data, config: TrainConfig
+                  ) -> TrainResult | None:
+    """The result of the run in ``run`` when it is the same run and has finished (no step
+    left under ``config``), read from its files without building the objective (for a
+    preference objective that means the reference model's margins: minutes); else None."""
+    run_json = run.path / "run.json"
+    latest = run.latest_checkpoint() if run_json.is_file() else None
+    if latest is None or not run.best_irm.is_file():
+        return None
+    previous = json.loads(run_json.read_text())
+    splits = _as_splits(data, config.seed)
+    current = {"model": model.cfg.model_name, "irm_config": irm.config.to_dict(),
+               "train_config": config.to_dict(), "data": {"fingerprint": splits.fingerprint()}}
+    try:
+        _check_same_run(previous, current, run.path)
+    except ConfigError:
+        return None  # the full path explains the difference
+    state = _LoopState(**json.loads(_read_checkpoint(latest)[1]["state"]))
+    steps_per_epoch = previous["data"]["steps_per_epoch"]
+    total_steps = min(config.max_epochs * steps_per_epoch, config.max_steps or math.inf)
+    stopped = state.stop_reason and (state.bad_evals >= config.patience
+                                     or state.stop_reason.startswith("non-finite"))
+    if state.best_step < 0 or not (state.step >= total_steps or stopped):
+        return None
+    device = next(irm.parameters()).device
+    irm.load_state_dict(IRM.load(run.best_irm, device=device).state_dict())
+    logger.info("%s holds this run, finished at step %d: its best IRM is loaded.",
+                run.path, state.step)
+    return TrainResult(
+        irm=irm, out_dir=run.path, steps=state.step, best_step=state.best_step,
+        best_val_loss=state.best_val_loss, baseline_val_loss=state.baseline_val_loss,
+        stop_reason=state.stop_reason or f"reached {total_steps} steps",
+        history=run.history(), wall_time_s=0.0,
     )
 
 

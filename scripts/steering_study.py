@@ -8,6 +8,8 @@ study continues where it stopped (training resumes from its checkpoints).
 
     python scripts/steering_study.py --alignment anger --seeds 0,1,2 --sets 3 --out runs/study/anger
 
+``--sets 1,2,0`` measures the same three sets in another order (the held-out ones first).
+
 Prompt sets are ``--n-prompts`` prompts each, starting at ``--first-prompt`` (prompts before it
 are left for choosing settings); the unsteered texts are generated once per set.
 """
@@ -130,7 +132,9 @@ def main() -> None:
     p.add_argument("--alignment", default="anger")
     p.add_argument("--recipe", default="preference", choices=RECIPES)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--sets", type=int, default=3)
+    p.add_argument("--sets", default="3",
+                   help="how many prompt sets (N: sets 0..N-1), or which, in the order to measure "
+                        "them ('1,2,0'; '2,' is set 2 alone): set k holds the k-th n-prompts after --first-prompt")
     p.add_argument("--n-prompts", type=int, default=160)
     p.add_argument("--first-prompt", type=int, default=40)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -148,6 +152,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.caa_layers = [int(x) for x in args.caa_layers.split(",")]
+    args.sets = ([int(k) for k in args.sets.split(",") if k] if "," in args.sets
+                 else list(range(int(args.sets))))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -173,7 +179,7 @@ def main() -> None:
         irm_names.append(f"irm_seed{seed}")
 
     verdicts = []
-    for k in range(args.sets):
+    for k in args.sets:
         first = args.first_prompt + k * args.n_prompts
         measured = {name: x for name, x in interventions.items() if args.baseline_sets is None
                     or k < args.baseline_sets or name not in ("actadd", "prompting")}

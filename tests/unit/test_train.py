@@ -79,10 +79,24 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, tm
     assert whole.best_val_loss == resumed.best_val_loss
 
 
-def test_a_finished_run_is_not_trained_again(tiny_model, tmp_path):
+def test_a_finished_run_is_not_trained_again(tiny_model, tmp_path, monkeypatch):
     first = train(tiny_model, _irm(tiny_model), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
-    again = train(tiny_model, _irm(tiny_model, seed=5), TEXTS, CONFIG, out_dir=tmp_path, progress=False)
+
+    def no_objective(*args, **kwargs):
+        raise AssertionError("a finished run is read from its files, not set up again")
+
+    with monkeypatch.context() as patch:  # setting up (the objective, the reference) is skipped
+        patch.setattr(train_module, "build_objective", no_objective)
+        again = train(tiny_model, _irm(tiny_model, seed=5), TEXTS, CONFIG, out_dir=tmp_path,
+                      progress=False)
     assert again.steps == first.steps and _same(first.irm, again.irm)
+    assert (again.best_step, again.best_val_loss, again.baseline_val_loss, again.stop_reason) == (
+        first.best_step, first.best_val_loss, first.baseline_val_loss, first.stop_reason)
+    assert again.history.equals(first.history)
+    # other settings still reach the full check (and its explanation); more steps still train
+    with pytest.raises(ConfigError, match=r"training config \(lr\)"):
+        train(tiny_model, _irm(tiny_model), TEXTS, TrainConfig(**{**CONFIG.to_dict(), "lr": 5e-4}),
+              out_dir=tmp_path, progress=False)
 
 
 def test_existing_run_is_protected(tiny_model, tmp_path):
