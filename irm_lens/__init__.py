@@ -20,8 +20,11 @@ The public API:
   intervention on the same prompts, with dose-response);
 * analyses of the index an IRM relies on: ``collect_irm_outputs`` / ``striation_score`` /
   ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
-  ``activation_magnitudes``, ``logit_attribution``, ``patch_neuron``, ``ablate``, and
-  ``explain`` (all of them for one index);
+  ``activation_magnitudes``, ``logit_attribution``, ``norm_scale_split`` (direct vs
+  norm-scale path), ``patch_neuron``, ``ablate``, ``explain`` (all of them for one index), and
+  ``dominance_curve`` (the dominant index along a run's checkpoints);
+* ``plant_outlier`` / ``outlier_signature``: a model organism, an index given the 1512
+  signature by a weight edit, the analyses' ground truth;
 * ``predict_dominant``: the index a trained IRM will rely on, forecast from the frozen model
   alone, and ``validate_prediction`` / ``check_prediction`` to score it against trained IRMs;
 * ``report``: one self-contained HTML file from those results;
@@ -32,8 +35,10 @@ from irm_lens._packages import irm_lens_version
 from irm_lens.analysis.ablation import Ablation, AblationResult, ablate, measure_ablation
 from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
 from irm_lens.analysis.dossier import NeuronDossier, explain
+from irm_lens.analysis.dynamics import DominanceCurve, dominance_curve
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
+from irm_lens.analysis.normscale import NormScaleSplit, norm_scale_split
 from irm_lens.analysis.outputs import (
     DominantNeurons,
     IRMOutputs,
@@ -74,6 +79,7 @@ from irm_lens.inject import inject
 from irm_lens.investigate import Investigation, InvestigationSettings, investigate
 from irm_lens.irm import IRM, IRM_PRESETS, LAYER_PRESETS, IRMConfig, layer_set
 from irm_lens.models import EMBEDDED_MODEL_NAME, load_model
+from irm_lens.organism import PlantedOutlier, outlier_signature, plant_outlier
 from irm_lens.pairs import corpus_pairs, generate_pairs, read_pairs
 from irm_lens.recipes import RECIPES, Recipe, RecipeResult, train_recipe
 from irm_lens.report import report
@@ -92,11 +98,13 @@ __all__ = [
     "Ablation",
     "AblationResult",
     "ActivationMagnitudes",
+    "DominanceCurve",
     "DominantNeurons",
     "IRMOutputs",
     "LogitAttribution",
     "NeuronDossier",
     "NeuronIndexError",
+    "NormScaleSplit",
     "NormWeights",
     "PatchingResult",
     "Prediction",
@@ -108,10 +116,12 @@ __all__ = [
     "activation_magnitudes",
     "collect_irm_outputs",
     "compare_runs",
+    "dominance_curve",
     "dominant_neurons",
     "explain",
     "logit_attribution",
     "measure_ablation",
+    "norm_scale_split",
     "norm_weights",
     "patch_neuron",
     "predict_dominant",
@@ -133,6 +143,9 @@ __all__ = [
     "Generation",
     "compare_generations",
     "continue_text",
+    "PlantedOutlier",
+    "outlier_signature",
+    "plant_outlier",
     "generate_synthetic",
     "read_synthetic",
     "load_alignment",

@@ -178,7 +178,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # What a recipe fixes: set any of these and the recipe would silently drop it.
 _RECIPE_FIXES = ("layers", "preset", "zero_init", "warm_start", "steer", "l1", "objective", "beta",
                  "chosen_lm", "kl", "entropy", "epochs", "batch_size", "max_length", "lr",
-                 "eval_every", "max_val_batches", "checkpoint_every", "chat")
+                 "eval_every", "max_val_batches", "checkpoint_every", "keep_checkpoints", "chat")
 
 
 def _uses_recipe(args: argparse.Namespace) -> bool:
@@ -220,8 +220,9 @@ def _train_config(args: argparse.Namespace, **overrides):
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         max_epochs=args.epochs, max_steps=args.steps, eval_every=args.eval_every,
         max_val_batches=args.max_val_batches, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, chat_prompts=args.chat, objective=args.objective, beta=args.beta,
-        chosen_lm=args.chosen_lm, kl=args.kl, entropy=args.entropy,
+        keep_checkpoints=args.keep_checkpoints, seed=args.seed, chat_prompts=args.chat,
+        objective=args.objective, beta=args.beta, chosen_lm=args.chosen_lm, kl=args.kl,
+        entropy=args.entropy,
     )
     return TrainConfig(**{**values, **overrides})
 
@@ -616,6 +617,8 @@ def _add_optimisation_args(
                         help="steps (default: per epoch)")
     parser.add_argument("--max-val-batches", type=int, default=max_val_batches)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="step checkpoints kept on disk (0: every one, for dominance_curve)")
     parser.add_argument("--objective", default="lm", choices=OBJECTIVES,
                         help="lm: cross-entropy on the texts (the paper); preference: DPO on "
                              "(prompt, chosen, rejected) pairs (--pairs) against the unsteered model")

@@ -88,7 +88,8 @@ class TrainConfig:
         patience: Validation passes without improvement before stopping early (paper: 6).
         max_val_batches: Cap on validation batches per pass (None: the whole split).
         checkpoint_every: Steps between checkpoints (one is always written at the end).
-        keep_checkpoints: How many step checkpoints to keep on disk.
+        keep_checkpoints: How many step checkpoints to keep on disk (0: every one, for
+            ``analysis.dynamics.dominance_curve`` along the run).
         seed: Seeds the data split and the data order (paper: 42).
         grad_clip: Max gradient norm (None: no clipping, as the paper).
         chat_prompts: Train on chat examples: each plain text becomes the assistant's reply
@@ -131,12 +132,17 @@ class TrainConfig:
     entropy: float = 0.0
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "max_length", "max_epochs", "patience", "checkpoint_every",
-                    "keep_checkpoints")
+        positive = ("batch_size", "max_length", "max_epochs", "patience", "checkpoint_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"TrainConfig.{name} must be a positive int, got {value!r}.")
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ConfigError(
+                f"TrainConfig.keep_checkpoints must be a non-negative int (0 keeps every "
+                f"checkpoint), got {keep!r}."
+            )
         for name in ("max_steps", "lr_step_size", "eval_every", "max_val_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -664,6 +670,24 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """The step checkpoints a run directory holds, by step, oldest first (``keep_checkpoints``
+    decides how many training left there)."""
+    files = sorted(_RunDir(Path(run_dir)).checkpoints.glob("step-*.safetensors"))
+    return {int(f.stem[len("step-"):]): f for f in files if f.stem[len("step-"):].isdigit()}
+
+
+def checkpoint_irm(path: str | Path) -> tuple[int, IRM]:
+    """The IRM inside a step checkpoint (on CPU, without the optimiser) and its step."""
+    tensors, meta = _read_checkpoint(Path(path))
+    try:
+        irm = IRM(IRMConfig.from_dict(json.loads(meta["irm_config"])))
+        irm.load_state_dict(_irm_weights(tensors))
+        return int(json.loads(meta["state"])["step"]), irm
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path}: its IRM cannot be rebuilt: {exc}") from exc
+
+
 class _RunLock:
     """An exclusive lock on a run directory: two trainers writing one run would interleave
     its metrics and checkpoints. Released on exit, or by the OS if the process dies."""
@@ -756,6 +780,7 @@ class _RunDir:
             setattr(state, key, value)
 
     def save_checkpoint(self, irm: IRM, optimizer, scheduler, state: _LoopState, keep: int) -> Path:
+        """Write this step's checkpoint and delete all but the newest ``keep`` (0: keep all)."""
         from safetensors.torch import save_file
 
         tensors = {f"irm.{k}": v.detach().cpu().contiguous() for k, v in irm.state_dict().items()}
@@ -774,7 +799,8 @@ class _RunDir:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         atomic_write_json(self.path / "latest.json",
                           {"checkpoint": str(path.relative_to(self.path)), "step": state.step})
-        for old in sorted(self.checkpoints.glob("step-*.safetensors"))[:-keep]:
+        stale = sorted(self.checkpoints.glob("step-*.safetensors"))[:-keep] if keep else []
+        for old in stale:
             old.unlink(missing_ok=True)
         return path
 

@@ -14,6 +14,7 @@ from irm_lens.analysis.conditions import prompts_or_default
 from irm_lens.analysis.indices import check_neuron
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
+from irm_lens.analysis.normscale import NormScaleSplit, norm_scale_split
 from irm_lens.analysis.outputs import (
     DominantNeurons,
     IRMOutputs,
@@ -33,6 +34,8 @@ class NeuronDossier:
 
     The IRM-dependent parts (``outputs``, ``striation``, ``dominant``, ``patching``) are None
     without an IRM; ``patching`` and the IRM columns of ``ablation`` also need an alignment.
+    ``norm_scale`` (how much of a push on the index goes through the RMSNorm scales) is None
+    when ``explain`` was told not to measure it.
     """
 
     neuron: int
@@ -45,6 +48,7 @@ class NeuronDossier:
     dominant: DominantNeurons | None
     patching: PatchingResult | None
     provenance: Provenance
+    norm_scale: NormScaleSplit | None = None
 
     def summary(self) -> dict[str, Any]:
         """The headline figures, one value each."""
@@ -85,6 +89,12 @@ class NeuronDossier:
             out["patch_restored_random_mean"] = float(s.loc["into_unsteered", "random_mean"])
             out["patch_lost"] = float(s.loc["into_steered", "target_effect"])
             out["patch_lost_random_mean"] = float(s.loc["into_steered", "random_mean"])
+        if self.norm_scale is not None:
+            s = self.norm_scale.summary().set_index("path")
+            out["norm_scale_share"] = float(s.loc["norm_scale", "target_share"])
+            out["norm_scale_random_share_mean"] = float(s.loc["norm_scale", "random_share_mean"])
+            out["norm_scale_random_share_max"] = float(s.loc["norm_scale", "random_share_max"])
+            out["norm_scale_finding"] = self.norm_scale.finding()
         return out
 
     def summary_frame(self) -> pd.DataFrame:
@@ -105,6 +115,7 @@ def explain(
     generate: bool = False,
     striation_shuffles: int = 200,
     outputs: IRMOutputs | None = None,
+    norm_scale: bool = True,
     progress: bool = True,
 ) -> NeuronDossier:
     """Run every analysis for ``neuron`` (under ``irm`` and ``alignment`` when given).
@@ -121,6 +132,10 @@ def explain(
         generate: Also measure the ablation's effect on the emotion of steered generations.
         outputs: ``irm``'s outputs when the caller has already collected them (on the same
             prompts), so that the steered generations are not run twice.
+        norm_scale: Also split a push on the index (one residual RMS, at the IRM's first
+            injected layer, or layer 0) into its direct and norm-scale paths, against
+            ``n_random`` random indices: ``1 + 3 * (1 + n_random)`` forward passes over the
+            texts the ablation scores.
     """
     neuron = check_neuron(model, neuron)
     prompts = prompts_or_default(prompts, n_prompts)
@@ -146,6 +161,13 @@ def explain(
         generate=generate and irm is not None and alignment is not None,
         progress=progress,
     )
+    split = None
+    if norm_scale:
+        split = norm_scale_split(
+            model, neuron, texts=None if alignment else prompts, alignment=alignment,
+            layer=irm.config.layers[0] if irm is not None else 0, n_random=n_random,
+            n_texts=n_texts, progress=progress,
+        )
     return NeuronDossier(
         neuron=neuron,
         norms=norm_weights(model),
@@ -158,4 +180,5 @@ def explain(
         dominant=dominant,
         patching=patching,
         provenance=Provenance.of(model, irm, prompts),
+        norm_scale=split,
     )

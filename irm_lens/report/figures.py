@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 
 if TYPE_CHECKING:
     from irm_lens.analysis.ablation import AblationResult
+    from irm_lens.analysis.dynamics import DominanceCurve
     from irm_lens.analysis.magnitudes import ActivationMagnitudes
     from irm_lens.analysis.norms import NormWeights
     from irm_lens.analysis.outputs import DominantNeurons, IRMOutputs, RunComparison
@@ -188,6 +189,30 @@ def dose_response_figure(comparison: SteeringComparison) -> go.Figure:
     fig.update_yaxes(title_text=f"{_label(comparison.alignment)} lift", row=1, col=1)
     fig.update_layout(title="Dose-response: lift against fluency, per intervention and scale",
                       **{**_LAYOUT, "height": 440})
+    return fig
+
+
+def dominance_curve_figure(curve: DominanceCurve) -> go.Figure:
+    """The dominant neuron along a training run: its share over a uniform share (log scale) and
+    its margin over the runner-up, by checkpoint step, one line per view; hover names the index."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[
+        "top index's share / uniform share", "margin over the runner-up"])
+    for (view, rows), colour in zip(curve.table.groupby("view", sort=False), _PALETTE):
+        rows = rows.sort_values("step")
+        text = [f"{view}: neuron {t} (runner-up {r})" for t, r in zip(rows.top, rows.runner_up)]
+        for col, column in enumerate(("ratio_to_uniform", "margin"), start=1):
+            fig.add_trace(go.Scatter(
+                x=rows.step, y=rows[column], mode="lines+markers", name=_label(view),
+                legendgroup=_label(view), showlegend=col == 1, line=dict(color=colour),
+                text=[_label(t) for t in text],
+                hovertemplate="step %{x}, %{text}: %{y:.3g}<extra></extra>",
+            ), row=1, col=col)
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(type="log", title_text="share x d_model", row=1, col=1)
+    fig.update_yaxes(title_text="(top - runner-up) / runner-up", row=1, col=2)
+    fig.update_layout(title="Dominance along the run, per view", **_LAYOUT)
     return fig
 
 

@@ -299,6 +299,10 @@ def _dossier_section(page: _Page, dossier: NeuronDossier) -> None:
         page.table(dossier.patching.summary())
     page.figure(figures.ablation_against_random(dossier.ablation))
     page.table(dossier.ablation.summary())
+    if dossier.norm_scale is not None:
+        page.para(dossier.norm_scale.finding() + " Each path's share of the logit change and "
+                  "its change of the loss, beside random indices pushed the same way:")
+        page.table(dossier.norm_scale.summary())
 
 
 def _steering_section(page: _Page, steering: SteeringComparison) -> None:
