@@ -52,7 +52,7 @@ from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
@@ -78,9 +78,9 @@ class PlantedOutlier:
         value: The constant ``c`` block ``from_layer``'s MLP writes into the index: the
             smallest found for which ``min_ratio >= magnitude``.
         norm_weight: The weight at the index of every norm after ``from_layer``.
-        min_ratio: The smallest ratio of |channel| to a calibration token's median
-            |resid_post| over the layers from ``from_layer`` on, in the edited model
-            (``>= magnitude`` unless a warning said otherwise).
+        min_ratio: The smallest ratio of |channel| to a calibration token's (after its
+            text's first) median |resid_post| over the layers from ``from_layer`` on, in the
+            edited model (``>= magnitude`` unless a warning said otherwise).
         norms: The edited norms, in order (``blocks.{l}.ln1``, ``blocks.{l}.ln2``, ...,
             ``ln_final``).
         scales: The factor each edited norm's other weights were multiplied by, ``[norm]``.
@@ -133,7 +133,7 @@ def plant_outlier(
     model: HookedTransformer,
     index: int,
     *,
-    magnitude: float = 100.0,
+    magnitude: float = 3.0,
     from_layer: int = 1,
     norm_weight: float = 5e-5,
     compensate: bool = True,
@@ -153,8 +153,13 @@ def plant_outlier(
         model: A Llama-architecture ``HookedTransformer`` with raw RMSNorm weights (as
             ``load_model`` returns it). Edited in place.
         index: The residual index to plant.
-        magnitude: On every calibration token and every layer from ``from_layer`` on, |the
-            channel| is at least ``magnitude`` times that token's median |resid_post|.
+        magnitude: On every calibration token after its text's first (BOS: see
+            ``_later_tokens``) and every layer from ``from_layer`` on, |the channel| is at
+            least ``magnitude`` times that token's median |resid_post|. A
+            floor over every token and layer: the *typical* ratio is far larger (on the
+            embedded model the default 3 makes the channel 67x the mean median |resid| at
+            layer 1, 29x at layer 15, 5x at layer 29, and costs 0.36 nats of KL; 5 costs 3.6
+            nats, 30 wrecks the model: the norms can no longer be compensated).
         from_layer: The first layer whose ``resid_post`` carries the channel (its MLP writes
             it).
         norm_weight: The index's weight in every norm after ``from_layer`` (Llama-2-7B's final
@@ -226,11 +231,12 @@ def outlier_signature(
 ) -> pd.DataFrame:
     """How far ``index`` stands out of ``resid_post``, layer by layer, token by token.
 
-    One row per layer: ``mean_abs`` (mean |resid_post| at the index), ``median_abs`` (mean over
-    tokens of each token's median |resid_post|), ``mean_ratio`` (their ratio), ``min_ratio``
-    (the smallest per-token ratio of |resid| at the index to that token's median |resid|: the
-    channel is ``min_ratio``-fold on *every* token). The norm weights at the index are in
-    ``norm_weights(model).profile(index)``.
+    One row per layer, over every token after each text's first (BOS, whose massive
+    activations set their own scale): ``mean_abs`` (mean |resid_post| at the index),
+    ``median_abs`` (mean over tokens of each token's median |resid_post|), ``mean_ratio``
+    (their ratio), ``min_ratio`` (the smallest per-token ratio of |resid| at the index to that
+    token's median |resid|: the channel is ``min_ratio``-fold on *every* such token). The norm
+    weights at the index are in ``norm_weights(model).profile(index)``.
 
     Example:
         >>> sig = outlier_signature(model, planted.index, ["The cat sat."])  # doctest: +SKIP
@@ -241,9 +247,9 @@ def outlier_signature(
     texts = prompts_or_default(texts, n_prompts)
     names = [get_act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
     at, median = [], []
-    for acts in _token_activations(model, texts, names, max_length, batch_size):
-        stacked = torch.stack([acts[n] for n in names]).abs()  # [layer, token, d_model]
-        at.append(stacked[..., index])
+    for acts, later in _token_activations(model, texts, names, max_length, batch_size):
+        stacked = torch.stack([acts[n][later.to(acts[n].device)] for n in names]).abs()
+        at.append(stacked[..., index])  # [layer, token, d_model] -> [layer, token]
         median.append(stacked.median(-1).values)
     at_index, medians = torch.cat(at, 1), torch.cat(median, 1)  # [layer, token]
     ratio = at_index / medians.clamp_min(1e-30)
@@ -295,26 +301,37 @@ def _edited_norms(model: HookedTransformer, from_layer: int) -> list[tuple[str, 
 def _token_activations(
     model: HookedTransformer, texts: Sequence[str], names: Sequence[str], max_length: int,
     batch_size: int,
-) -> Iterator[dict[str, Float[Tensor, "token d_model"]]]:
-    """The activations ``names`` of every real (unpadded) token, batch by batch, in float32."""
+) -> Iterator[tuple[dict[str, Float[Tensor, "token d_model"]], Bool[Tensor, " token"]]]:
+    """The activations ``names`` of every real (unpadded) token, batch by batch, in float32,
+    and which of those tokens come after their text's first one (see ``_later_tokens``)."""
     for ids, mask, _ in text_batches(model, texts, max_length=max_length, batch_size=batch_size):
         with torch.no_grad():
             _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=list(names))
         real = mask.bool().to(model.cfg.device)
-        yield {n: cache[n][real].float() for n in names}
+        yield {n: cache[n][real].float() for n in names}, _later_tokens(mask)[real.cpu()]
+
+
+def _later_tokens(mask: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """Real tokens after their text's first one. The first token (BOS) carries the model's
+    massive activations, hundreds of times any other token's median |resid|: a channel made to
+    outgrow it too would be so large that no norm could absorb it, so the magnitude is asked
+    of every *other* token."""
+    return mask.bool() & (mask.cumsum(1) > 1)
 
 
 def _fit_value(model, index, from_layer, magnitude, norms, texts, max_length) -> tuple[float, dict]:
     """The smallest constant ``c`` for which ``|resid_mid[from_layer][k] + c|`` is at least
-    ``magnitude`` times the median |resid_post| of every calibration token at every layer from
-    ``from_layer`` on; and the unedited input of every edited norm on those tokens."""
+    ``magnitude`` times the median |resid_post| of every calibration token (after its text's
+    first) at every layer from ``from_layer`` on; and the unedited input of every edited norm
+    on those tokens."""
     later = [get_act_name("resid_post", layer) for layer in range(from_layer, model.cfg.n_layers)]
     base = get_act_name("resid_mid", from_layer)
     names = sorted({*later, base, *(hook for _, hook in norms)})
     # one batch: every norm's scale is fitted on every calibration token before the next norm runs
-    acts = next(_token_activations(model, texts, names, max_length, len(texts)))
-    median = torch.stack([acts[n].abs().median(-1).values for n in later]).amax(0)  # [token]
-    value = float((magnitude * median - acts[base][:, index]).max().clamp_min(0))
+    acts, rest = next(_token_activations(model, texts, names, max_length, len(texts)))
+    rest = rest.to(acts[base].device)
+    median = torch.stack([acts[n][rest].abs().median(-1).values for n in later]).amax(0)
+    value = float((magnitude * median - acts[base][rest, index]).max().clamp_min(0))  # [token]
     return value, {hook: acts[hook] for _, hook in norms}
 
 
@@ -335,6 +352,7 @@ def _fit_norms(model, index, from_layer, norms, before, texts, max_length,
     ratios: list[Tensor] = []
     ids, mask, _ = text_batches(model, texts, max_length=max_length, batch_size=len(texts))[0]
     real = mask.bool().to(model.cfg.device)
+    rest = _later_tokens(mask).to(model.cfg.device)
 
     def fit(name: str):
         norm = model.get_submodule(name)
@@ -350,7 +368,7 @@ def _fit_norms(model, index, from_layer, norms, before, texts, max_length,
         return hook
 
     def ratio(x: Float[Tensor, "batch pos d_model"], hook) -> None:
-        acts = x[real].float().abs()  # [token, d_model]
+        acts = x[rest].float().abs()  # [token, d_model]
         ratios.append((acts[:, index] / acts.median(-1).values.clamp_min(1e-30)).min())
 
     hooks = [(h, fit(n)) for n, h in norms] + [

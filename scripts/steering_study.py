@@ -50,11 +50,11 @@ def _measure_set(model, interventions: dict, points: dict, args, first: int, whe
                  ) -> pd.DataFrame:
     """Every intervention at each of its points (scale, decodings) on one prompt set. Each
     point's rows and samples are saved as it is measured (``where/<name>@<scale>.parquet``, or
-    ``<name>@<scale>-<decoding>.parquet`` for one decoding), the unsteered samples once, and
-    reused on a rerun, so that adding a scale or an intervention measures only what is new."""
+    ``<name>@<scale>-<decoding>.parquet`` for one decoding), the unsteered samples once per
+    decoding, and reused on a rerun, so that adding a scale or an intervention measures only
+    what is new."""
     where.mkdir(parents=True, exist_ok=True)
     kwargs = dict(n_prompts=args.n_prompts, first_prompt=first, max_new_tokens=args.max_new_tokens)
-    unsteered = where / "unsteered.parquet"
     tables, samples = [], []
     for name, intervention in interventions.items():
         for scale, decodings in points[name]:
@@ -62,14 +62,18 @@ def _measure_set(model, interventions: dict, points: dict, args, first: int, whe
             done = where / f"{name}@{scale:g}{tail}.parquet"
             if not done.exists():
                 start = time.perf_counter()
-                off = pd.read_parquet(unsteered) if unsteered.exists() else None
-                if off is None and tuple(decodings) != BOTH:
-                    raise SystemExit(f"{name}: the first point of a set measures both decodings")
+                off = _unsteered(where)
+                if off is not None and not set(decodings) <= set(off.decoding):
+                    off = None  # generated for these decodings by this point, and kept
                 result = irm_lens.compare_steering(model, {name: intervention}, args.alignment,
                                                    scales={name: [scale]}, decodings=decodings,
                                                    unsteered=off, progress=False, **kwargs)
                 if off is None:
-                    result.samples[result.samples.intervention == "unsteered"].to_parquet(unsteered)
+                    new = result.samples[result.samples.intervention == "unsteered"]
+                    kept = _unsteered(where)
+                    if kept is not None:
+                        new = new[~new.decoding.isin(set(kept.decoding))]
+                    new.to_parquet(where / f"unsteered-{'-'.join(sorted(set(new.decoding)))}.parquet")
                 result.samples[result.samples.intervention == name].to_parquet(
                     done.with_suffix(".samples.parquet"))
                 result.table.to_parquet(done)
@@ -80,12 +84,18 @@ def _measure_set(model, interventions: dict, points: dict, args, first: int, whe
             samples.append(pd.read_parquet(done.with_suffix(".samples.parquet")))
     table = pd.concat(tables, ignore_index=True)
     table.to_csv(where / "comparison.csv", index=False)
-    everything = pd.concat([pd.read_parquet(unsteered), *samples], ignore_index=True)
+    everything = pd.concat([_unsteered(where), *samples], ignore_index=True)
     everything.to_csv(where / "samples.csv", index=False)
     comparison = irm_lens.SteeringComparison(args.alignment, table, everything, (),
                                              DegenerationThresholds())
     dose_response_figure(comparison).write_html(where / "dose_response.html", include_plotlyjs=True)
     return table
+
+
+def _unsteered(where: Path) -> pd.DataFrame | None:
+    """The unsteered samples kept for a set so far (every decoding measured), or None."""
+    parts = sorted(where.glob("unsteered*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else None
 
 
 def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
@@ -148,6 +158,9 @@ def main() -> None:
     p.add_argument("--irm-scales", default="recipe",
                    help="multiples of each trained IRM's greedy dose to measure in both decodings "
                         "(default 'recipe': each decoding at the recipe's dose for it, alone)")
+    p.add_argument("--interventions", default=None,
+                   help="measure only these (comma-separated names: caa_layer12, actadd, "
+                        "prompting, irm_seed0, ...) on the sets; the rest are left out")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -183,6 +196,9 @@ def main() -> None:
         first = args.first_prompt + k * args.n_prompts
         measured = {name: x for name, x in interventions.items() if args.baseline_sets is None
                     or k < args.baseline_sets or name not in ("actadd", "prompting")}
+        if args.interventions:
+            measured = {name: x for name, x in measured.items()
+                        if name in args.interventions.split(",")}
         table = _measure_set(model, measured, points, args, first, out / f"set{k}")
         with pd.option_context("display.width", 220, "display.max_columns", 20):
             print(table.drop(columns=["off"]).round(3).to_string(index=False), flush=True)

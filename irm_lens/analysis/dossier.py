@@ -132,7 +132,7 @@ def explain(
         generate: Also measure the ablation's effect on the emotion of steered generations.
         outputs: ``irm``'s outputs when the caller has already collected them (on the same
             prompts), so that the steered generations are not run twice.
-        norm_scale: Also split a push on the index (one residual RMS, at the IRM's first
+        norm_scale: Also split a push on the index (0.1 residual RMS, at the IRM's first
             injected layer, or layer 0) into its direct and norm-scale paths, against
             ``n_random`` random indices: ``1 + 3 * (1 + n_random)`` forward passes over the
             texts the ablation scores.

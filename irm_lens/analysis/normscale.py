@@ -148,7 +148,7 @@ def norm_scale_split(
     alignment: str | None = None,
     irm: IRM | None = None,
     layer: int | None = None,
-    delta: float = 1.0,
+    delta: float | None = None,
     n_random: int = 8,
     n_texts: int = 16,
     max_length: int = 64,
@@ -169,7 +169,11 @@ def norm_scale_split(
         layer: Where the push enters: ``hook_resid_post`` of this layer (default 0); with an
             IRM, one of its injected layers (default: all of them).
         delta: The push's size: in units of each token's residual RMS at ``layer`` (the same
-            for every index, so indices compare), or a factor on the IRM's output.
+            for every index, so indices compare; default 0.1), or a factor on the IRM's
+            output (default 1: the IRM's own push). Keep a fixed push small: with every
+            norm's scale held nothing renormalises the pushed run, and on the embedded model
+            a push of one RMS at layer 0 grows without bound by layer 12 (non-finite logits,
+            refused with a ``ConfigError``); 0.1 stays finite.
         n_random: Random indices pushed the same way, as the baseline.
 
     Example:
@@ -177,6 +181,8 @@ def norm_scale_split(
         >>> split.finding()  # doctest: +SKIP
     """
     neuron = check_neuron(model, neuron)
+    if delta is None:
+        delta = 0.1 if irm is None else 1.0
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
         raise ConfigError(f"delta is the push's size, a finite number; got {delta!r}.")
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
@@ -300,7 +306,16 @@ def _path_runs(
     pushed, pushed_scales = _scale_run(model, ids, push())
     direct, _ = _scale_run(model, ids, push(), held=clean_scales)
     norm_scale, _ = _scale_run(model, ids, held=pushed_scales)
-    return {"pushed": pushed, "direct": direct, "norm_scale": norm_scale}
+    runs = {"pushed": pushed, "direct": direct, "norm_scale": norm_scale}
+    for name, logits in runs.items():
+        bad = int((~torch.isfinite(logits)).any(-1).sum())
+        if bad:
+            raise ConfigError(
+                f"The {name} run of the norm-scale split gave non-finite logits at {bad} "
+                "position(s): with the norms' scales held nothing renormalises the push, and "
+                "this one grew without bound. Give a smaller delta (the push's size)."
+            )
+    return runs
 
 
 def _scored(logits: Float[Tensor, "batch pos d_vocab"], ids: Int[Tensor, "batch pos"],
