@@ -62,15 +62,14 @@ def _measure_set(model, interventions: dict, points: dict, args, first: int, whe
             done = where / f"{name}@{scale:g}{tail}.parquet"
             if not done.exists():
                 start = time.perf_counter()
-                off = _unsteered(where)
-                if off is not None and not set(decodings) <= set(off.decoding):
-                    off = None  # generated for these decodings by this point, and kept
+                kept = _unsteered(where)
+                # without samples for these decodings, this point generates them, and they are kept
+                off = kept if kept is not None and set(decodings) <= set(kept.decoding) else None
                 result = irm_lens.compare_steering(model, {name: intervention}, args.alignment,
                                                    scales={name: [scale]}, decodings=decodings,
                                                    unsteered=off, progress=False, **kwargs)
                 if off is None:
                     new = result.samples[result.samples.intervention == "unsteered"]
-                    kept = _unsteered(where)
                     if kept is not None:
                         new = new[~new.decoding.isin(set(kept.decoding))]
                     new.to_parquet(where / f"unsteered-{'-'.join(sorted(set(new.decoding)))}.parquet")
