@@ -189,12 +189,8 @@ def generate_samples(
     model, its repetition rate and its emotion scores; ``irm`` is ``"off"`` without an
     intervention, ``"on"`` with one."""
     rows = []
-    for decoding, sample, kwargs in decodings:
-        continuations = generate_continuations(
-            model, prompts, intervention=intervention, scale=scale,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, **kwargs,
-        )
-        perplexities = _perplexities(model, continuations, batch_size)
+    for decoding, sample, continuations, perplexities in _scored_continuations(
+            model, intervention, prompts, decodings, scale, max_new_tokens, batch_size, progress):
         for c, ppl in zip(continuations, perplexities):
             rows.append(dict(prompt=c.prompt, decoding=decoding, sample=sample,
                              irm="off" if intervention is None else "on", text=c.text,
@@ -202,6 +198,38 @@ def generate_samples(
                              repetition=repetition_rate(c.text)))
     samples = pd.DataFrame(rows)
     return pd.concat([samples, emotion_scores(samples.text.tolist())], axis=1)
+
+
+def _scored_continuations(model, intervention, prompts, decodings, scale, max_new_tokens,
+                          batch_size, progress):
+    """Per decoding and sample: its continuations and their perplexities (unsteered model)."""
+    for decoding, sample, kwargs in decodings:
+        continuations = generate_continuations(
+            model, prompts, intervention=intervention, scale=scale,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, **kwargs,
+        )
+        yield decoding, sample, continuations, _perplexities(model, continuations, batch_size)
+
+
+def generated_perplexity(
+    model: HookedTransformer,
+    intervention: Intervention | None,
+    prompts: list[str],
+    decodings: Decodings,
+    *,
+    scale: float = 1.0,
+    max_new_tokens: int = 40,
+    batch_size: int = 20,
+) -> float:
+    """The geometric-mean perplexity, under the unsteered model, of what the model writes for
+    ``prompts`` steered by ``intervention`` (None: unsteered): the quantity whose steered /
+    unsteered ratio is the evaluation's perplexity ratio, without the emotion scoring."""
+    logs = [math.log(ppl) for *_, perplexities in _scored_continuations(
+                model, intervention, prompts, decodings, scale, max_new_tokens, batch_size, False)
+            for ppl in perplexities if math.isfinite(ppl)]
+    if not logs:
+        raise ConfigError("generated_perplexity: no continuation has a generated token.")
+    return math.exp(sum(logs) / len(logs))
 
 
 def measure(

@@ -6,11 +6,14 @@
   objective on pairs of the same training question answered by the model steered by that vector
   (the chosen, tone-carrying reply) and unsteered (the rejected one), with the fluency KL term
   and no cross-entropy on the chosen replies (it narrowed the phrasing); the trained IRM is
-  dosed per decoding to move the model by a fixed KL on the pairs' unsteered replies: 0.415
-  nats per token for greedy decoding, 0.62 for sampled (sampling tolerates the stronger
-  push; ``RecipeResult.doses``). For seed 0 that is 0.75 and 0.9; weaker seeds get more.
+  dosed per decoding: for greedy decoding, to move the model by a KL of 0.415 nats per token
+  on the pairs' unsteered replies; for sampled decoding (which tolerates a stronger push), to
+  make its sampled replies to 40 tuning questions 3.47 times as perplexing to the unsteered
+  model as the unsteered replies (``RecipeResult.doses``). For seed 0 that is 0.75 and 0.9;
+  weaker seeds get more.
   The pairs are generated once (``generate_pairs``, at ``pairs_scale``) and reused; the
-  embedded model's ``anger`` pairs ship with the package (``irm_lens/data/pairs/``).
+  embedded model's ``anger`` and ``sadness`` pairs ship with the package
+  (``irm_lens/data/pairs/``).
 * ``"paper"``: the paper's objective, cross-entropy on the built-in alignment texts, from a
   zero-initialised IRM (the main job before the preference recipe).
 
@@ -27,11 +30,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
 
+import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
+from irm_lens.data.corpora import neutral_prompts
 from irm_lens.data.dataset import PreferencePair, TokenizedTexts, tokenize_texts
 from irm_lens.errors import ConfigError
+from irm_lens.evaluate import Decodings, generated_perplexity
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
 from irm_lens.models import EMBEDDED_MODEL_NAME
@@ -41,6 +47,9 @@ from irm_lens.steering import SteeringVector, mean_difference_vector, warm_start
 from irm_lens.train import TrainConfig, TrainResult, train
 
 SHIPPED_PAIRS = Path(__file__).parent / "data" / "pairs"
+# The tuning questions: training-split questions from this one on, which no shipped pair asks
+# (the anger pairs asked 0-939) and no held-out evaluation set holds.
+FIRST_TUNING_QUESTION = 940
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,12 @@ class Recipe:
             next-token distributions by this mean KL (nats) on the calibration texts
             (``calibration_texts``: the first pairs' unsteered replies). Seeds of one recipe
             differ in strength; a fixed dose under-steers the weak ones.
+        sampled_dose_perplexity: When set, the sampled dose is calibrated instead to the
+            perplexity its sampled replies to ``tuning_prompts`` tuning questions cost: this
+            ratio of their perplexity (under the unsteered model) to the unsteered replies'
+            (``dose_for_perplexity``, fitted around the ``sampled_dose_kl`` dose). At one KL a
+            weak seed spends less fluency, and gets less lift, than a strong one.
+        tuning_prompts: How many tuning questions (``tuning_prompts()``) that calibration uses.
         train: The optimisation settings (``max_steps`` is the recipe's length).
     """
 
@@ -84,6 +99,8 @@ class Recipe:
     sampled_dose: float | None = None
     dose_kl: float | None = None
     sampled_dose_kl: float | None = None
+    sampled_dose_perplexity: float | None = None
+    tuning_prompts: int = 40
     train: TrainConfig = TrainConfig()
 
     def doses(self) -> dict[str, float]:
@@ -98,6 +115,13 @@ class Recipe:
         return {"greedy": self.dose_kl,
                 "sampled": self.dose_kl if self.sampled_dose_kl is None else self.sampled_dose_kl}
 
+    def dose_targets(self) -> dict[str, float] | None:
+        """Every calibration target (the KLs, and the sampled perplexity ratio where set)."""
+        targets = self.dose_kls()
+        if targets is not None and self.sampled_dose_perplexity is not None:
+            targets["sampled_perplexity_ratio"] = self.sampled_dose_perplexity
+        return targets
+
 
 @dataclass
 class RecipeResult(TrainResult):
@@ -105,12 +129,15 @@ class RecipeResult(TrainResult):
 
     Attributes (besides ``TrainResult``'s; ``irm`` carries the greedy dose):
         doses: The output scale at which each decoding is steered.
-        kl: Where the recipe calibrates its doses, the KL (nats) each dose moves the model by
-            on the calibration texts; else empty.
+        kl: Where the recipe calibrates its doses by KL, the KL (nats) each such dose moves
+            the model by on the calibration texts; else empty.
+        perplexity_ratio: Where it calibrates the sampled dose by perplexity, the ratio fitted
+            at that dose on the tuning questions (``{"sampled": ...}``); else empty.
     """
 
     doses: dict[str, float] = field(default_factory=dict)
     kl: dict[str, float] = field(default_factory=dict)
+    perplexity_ratio: dict[str, float] = field(default_factory=dict)
 
     def decoding_scales(self) -> dict[str, float]:
         """Each decoding's dose as a scale of ``irm`` (1 for greedy)."""
@@ -121,9 +148,12 @@ RECIPES: dict[str, Recipe] = {
     "preference": Recipe(
         objective="preference",
         # seed 0's KL at the doses chosen for it on the tuning questions (0.75 greedy, 0.9
-        # sampled; docs/training.md, "A dose per decoding" and "One KL per decoding")
+        # sampled; docs/training.md, "A dose per decoding" and "One KL per decoding"), and its
+        # sampled replies' perplexity ratio at 0.9 on the first 40 tuning questions ("One
+        # perplexity for sampled decoding"); the sampled KL only centres that fit
         dose_kl=0.415,
         sampled_dose_kl=0.62,
+        sampled_dose_perplexity=3.47,
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,
                           max_val_batches=4, checkpoint_every=15),
@@ -175,6 +205,55 @@ def dose_for_kl(
                           f"within scales {bounds}; using scale {found[name][0]:.3g} (KL "
                           f"{found[name][1]:.3g}).", stacklevel=2)
     return found
+
+
+@torch.no_grad()
+def dose_for_perplexity(
+    model: HookedTransformer, irm: IRM, prompts: list[str], target: float, near: float, *,
+    decodings: Decodings = Decodings(n_sampled=1, greedy=False),
+    grid: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2), max_new_tokens: int = 32,
+) -> tuple[float, float, pd.DataFrame]:
+    """The output scale at which the model steered by ``irm`` answers ``prompts`` (in
+    ``decodings``: by default one seeded sample each) with text whose perplexity under the
+    unsteered model is ``target`` times the unsteered answers', the fitted ratio there, and
+    the measured ratios.
+
+    The ratio is that of ``evaluate``'s degeneration check (geometric means over the
+    replies). Sampled on a few dozen prompts it wobbles by a few percent from one scale to the
+    next, too much for a root search; it grows close to a power of the scale, so it is measured
+    at ``near`` times each of ``grid`` (one generation of the prompts each, with the same
+    seeds) and a least-squares line through (log scale, log ratio) gives the scale. A scale
+    outside the grid's span is clamped to it, with a warning.
+    """
+    if not target > 0 or not near > 0:
+        raise ConfigError(f"The target perplexity ratio and the scale near it must be positive; "
+                          f"got {target!r} and {near!r}.")
+    kwargs = dict(max_new_tokens=max_new_tokens)
+    off = generated_perplexity(model, None, prompts, decodings, **kwargs)
+    scales = [near * g for g in grid]
+    ratios = [generated_perplexity(model, irm.with_output_scale(s), prompts, decodings, **kwargs)
+              / off for s in scales]
+    x, y = torch.tensor(scales).log().double(), torch.tensor(ratios).log().double()
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum())
+    if not slope > 0:
+        raise ConfigError(f"dose_for_perplexity: the perplexity ratio does not grow with the "
+                          f"scale around {near:.3g} (ratios {[round(r, 3) for r in ratios]}).")
+    log_scale = float(x.mean()) + (math.log(target) - float(y.mean())) / slope
+    scale = min(max(math.exp(log_scale), scales[0]), scales[-1])
+    if scale != math.exp(log_scale):
+        warnings.warn(f"dose_for_perplexity: the target ratio {target:g} lies outside scales "
+                      f"{scales[0]:.3g}-{scales[-1]:.3g} (ratios {ratios[0]:.3g}-{ratios[-1]:.3g});"
+                      f" using scale {scale:.3g}.", stacklevel=2)
+    fitted = math.exp(float(y.mean()) + slope * (math.log(scale) - float(x.mean())))
+    return scale, fitted, pd.DataFrame(dict(scale=scales, perplexity_ratio=ratios))
+
+
+def tuning_prompts(n: int) -> list[str]:
+    """The first ``n`` tuning questions (training split, from ``FIRST_TUNING_QUESTION`` on)."""
+    prompts = neutral_prompts(None, split="train")[FIRST_TUNING_QUESTION:][:n]
+    if len(prompts) < n:
+        raise ConfigError(f"Only {len(prompts)} tuning questions exist; asked for {n}.")
+    return prompts
 
 
 def _false_position(f, goal: float, lo: float, hi: float, tol: float, max_steps: int) -> float:
@@ -281,22 +360,22 @@ def train_recipe(
     else:
         data = alignment
     result = train(model, irm, data, config, out_dir=out, progress=progress)
-    doses, kl = _doses(model, result, recipe, data)
+    doses, kl, ratio = _doses(model, result, recipe, data)
     dosed = result.irm.with_output_scale(doses["greedy"])
     saved = result.out_dir / "irm.safetensors" if result.out_dir is not None else None
     if saved is not None and IRM.load(saved).config.output_scale != doses["greedy"]:
         dosed.save(saved)  # a resumed finished run's file already carries the dose: kept as is
     trained = {f.name: getattr(result, f.name) for f in fields(result)}
-    return RecipeResult(**{**trained, "irm": dosed}, doses=doses, kl=kl)
+    return RecipeResult(**{**trained, "irm": dosed}, doses=doses, kl=kl, perplexity_ratio=ratio)
 
 
 def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
-           ) -> tuple[dict[str, float], dict[str, float]]:
+           ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """The recipe's doses for this run's IRM, calibrated where the recipe says so (and kept in
     the run's ``doses.json``, reused while the targets are the same)."""
-    targets = recipe.dose_kls()
+    targets = recipe.dose_targets()
     if targets is None:
-        return recipe.doses(), {}
+        return recipe.doses(), {}, {}
     if isinstance(data, str):
         raise ConfigError("Calibrating the doses needs the recipe's pairs (objective "
                           "'preference'); set dose_kl=None for this recipe.")
@@ -304,10 +383,17 @@ def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
     if path is not None and path.exists():
         kept = json.loads(path.read_text())
         if kept.get("targets") == targets:
-            return kept["doses"], kept["kl"]
-    found = dose_for_kl(model, result.irm, calibration_texts(model, data), targets)
+            return kept["doses"], kept["kl"], kept.get("perplexity_ratio", {})
+    found = dose_for_kl(model, result.irm, calibration_texts(model, data), recipe.dose_kls())
     doses = {name: scale for name, (scale, _) in found.items()}
     kl = {name: measured for name, (_, measured) in found.items()}
+    ratio = {}
+    if recipe.sampled_dose_perplexity is not None:
+        doses["sampled"], ratio["sampled"], _ = dose_for_perplexity(
+            model, result.irm, tuning_prompts(recipe.tuning_prompts),
+            recipe.sampled_dose_perplexity, doses["sampled"])
+        del kl["sampled"]  # that dose is the perplexity's now
     if path is not None:
-        path.write_text(json.dumps(dict(targets=targets, doses=doses, kl=kl), indent=2))
-    return doses, kl
+        path.write_text(json.dumps(dict(targets=targets, doses=doses, kl=kl,
+                                        perplexity_ratio=ratio), indent=2))
+    return doses, kl, ratio

@@ -136,6 +136,19 @@ def _irm_points(result, irm_scales: str) -> list[tuple[float, tuple[str, ...]]]:
     return [(scales[name], (name,)) for name in BOTH]
 
 
+def _only(points: dict, decodings: tuple[str, ...]) -> dict:
+    """Each intervention's points in ``decodings`` only (a point left without one is dropped)."""
+    unknown = set(decodings) - set(BOTH)
+    if unknown:
+        raise SystemExit(f"--decodings takes some of {BOTH}, got {sorted(unknown)}")
+    kept = {}
+    for name, pts in points.items():
+        kept[name] = [(scale, tuple(d for d in BOTH if d in decs and d in decodings))
+                      for scale, decs in pts]
+        kept[name] = [(scale, decs) for scale, decs in kept[name] if decs]
+    return kept
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--alignment", default="anger")
@@ -160,6 +173,9 @@ def main() -> None:
     p.add_argument("--interventions", default=None,
                    help="measure only these (comma-separated names: caa_layer12, actadd, "
                         "prompting, irm_seed0, ...) on the sets; the rest are left out")
+    p.add_argument("--decodings", default="greedy,sampled",
+                   help="measure these decodings only (e.g. 'sampled' after a change of the "
+                        "sampled dose)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -185,11 +201,15 @@ def main() -> None:
               f"{result.baseline_val_loss:.4f} -> {result.best_val_loss:.4f}", flush=True)
         print(f"seed {seed}: doses " + ", ".join(f"{k} {v:.3f}" for k, v in result.doses.items())
               + (" (KL " + ", ".join(f"{k} {v:.4f}" for k, v in result.kl.items()) + ")"
-                 if result.kl else ""), flush=True)
+                 if result.kl else "")
+              + (" (perplexity ratio " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                   result.perplexity_ratio.items()) + ")"
+                 if result.perplexity_ratio else ""), flush=True)
         interventions[f"irm_seed{seed}"] = result.irm  # its greedy dose is in its output_scale
         points[f"irm_seed{seed}"] = _irm_points(result, args.irm_scales)
         irm_names.append(f"irm_seed{seed}")
 
+    points = _only(points, tuple(args.decodings.split(",")))
     verdicts = []
     for k in args.sets:
         first = args.first_prompt + k * args.n_prompts

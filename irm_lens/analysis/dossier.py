@@ -14,7 +14,7 @@ from irm_lens.analysis.conditions import prompts_or_default
 from irm_lens.analysis.indices import check_neuron
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
-from irm_lens.analysis.normscale import NormScaleSplit, norm_scale_split
+from irm_lens.analysis.normscale import DivergentPush, NormScaleSplit, norm_scale_split
 from irm_lens.analysis.outputs import (
     DominantNeurons,
     IRMOutputs,
@@ -163,7 +163,7 @@ def explain(
     )
     split = None
     if norm_scale:
-        split = norm_scale_split(
+        split = _finite_split(
             model, neuron, texts=None if alignment else prompts, alignment=alignment,
             layer=irm.config.layers[0] if irm is not None else 0, n_random=n_random,
             n_texts=n_texts, progress=progress,
@@ -182,3 +182,16 @@ def explain(
         provenance=Provenance.of(model, irm, prompts),
         norm_scale=split,
     )
+
+
+def _finite_split(model: HookedTransformer, neuron: int, **kwargs: Any) -> NormScaleSplit:
+    """The norm-scale split at the default push (0.1 RMS), or at a tenth of it, then a
+    hundredth, where the held-scale run diverges (as it does for a massive index: 507 of the
+    embedded model); the split records the push it used."""
+    for delta in (0.1, 0.01):
+        try:
+            return norm_scale_split(model, neuron, delta=delta, **kwargs)
+        except DivergentPush:
+            pass
+    return norm_scale_split(model, neuron, delta=0.001, **kwargs)
+

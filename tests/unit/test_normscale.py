@@ -296,3 +296,20 @@ def test_split_losses_are_cross_entropies_of_the_scored_tokens(tiny_model):
     scored, targets = normscale._scored(logits, ids, loss_mask)
     assert float(F.cross_entropy(scored, targets)) == pytest.approx(
         float(masked_lm_loss(logits, ids, loss_mask)), rel=1e-6)
+
+
+def test_the_dossier_retries_a_divergent_push_smaller(tiny_model, monkeypatch):
+    from irm_lens.analysis import dossier
+
+    tried = []
+
+    def split(model, neuron, *, delta, **kwargs):
+        tried.append(delta)
+        if delta > 0.005:
+            raise normscale.DivergentPush("grew without bound")
+        return norm_scale_split(model, neuron, PROMPTS, layer=0, delta=delta, n_random=1, **QUIET)
+
+    monkeypatch.setattr(dossier, "norm_scale_split", split)
+    result = dossier._finite_split(tiny_model, K, texts=PROMPTS)
+    assert tried == [0.1, 0.01, 0.001] and result.delta == 0.001
+    assert "pushed by 0.001 RMS at layer 0" in result.finding()

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import planted_irm
 
 import irm_lens
-from irm_lens.recipes import Recipe, calibration_texts, dose_for_kl
+from irm_lens.evaluate import Decodings, generated_perplexity
+from irm_lens.generation import generate_continuations
+from irm_lens.recipes import (
+    Recipe,
+    calibration_texts,
+    dose_for_kl,
+    dose_for_perplexity,
+    tuning_prompts,
+)
 from irm_lens.train import TrainConfig
 
 
@@ -98,12 +110,18 @@ def test_dose_for_kl_finds_the_scale_that_moves_the_model_by_the_target(tiny_mod
         dose_for_kl(tiny_model, irm, texts, {"greedy": 0.0})
 
 
-def test_a_calibrated_recipe_doses_each_seed_to_the_target_kl(chat_model, tmp_path):
+def _pairs_file(tmp_path, degenerate: str):
+    """Eight (question, hateful chosen, plain rejected) pairs in a ``generate_pairs`` file."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(
         json.dumps({"prompt": f"Question {i}?", "chosen": f"I hate question {i}!",
-                    "rejected": f"Answer {i}.", "degenerate": "no no no no", "kept": True}) + "\n"
+                    "rejected": f"Answer {i}.", "degenerate": degenerate, "kept": True}) + "\n"
         for i in range(8)))
+    return pairs
+
+
+def test_a_calibrated_recipe_doses_each_seed_to_the_target_kl(chat_model, tmp_path):
+    pairs = _pairs_file(tmp_path, degenerate="no no no no")
     recipe = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
                     sampled_dose_kl=0.005,
                     train=TrainConfig(objective="preference", lr=1e-3, max_steps=2, max_length=32,
@@ -135,3 +153,78 @@ def test_a_calibrated_recipe_doses_each_seed_to_the_target_kl(chat_model, tmp_pa
         irm_lens.train_recipe(chat_model, "anger", None, progress=False, recipe=Recipe(
             objective="lm", vector_depth=None, dose_kl=0.01,
             train=TrainConfig(max_steps=1, max_length=16, batch_size=4, max_val_batches=1)))
+
+
+def _generated_perplexity_by_hand(model, irm, prompts, decodings, max_new_tokens=8) -> float:
+    """Geometric mean over replies of exp(mean NLL of the generated tokens), unsteered model."""
+    logs = []
+    for _, _, kwargs in decodings:
+        for c in generate_continuations(model, prompts, intervention=irm,
+                                        max_new_tokens=max_new_tokens, **kwargs):
+            if not c.new_ids:
+                continue
+            ids = torch.tensor([list(c.prompt_ids) + list(c.new_ids)])
+            with torch.no_grad():
+                logp = model(ids).log_softmax(-1)[0]
+            start = len(c.prompt_ids)
+            nll = -logp[start - 1 : -1].gather(-1, ids[0, start:, None]).mean()
+            logs.append(nll.item())
+    return math.exp(sum(logs) / len(logs))
+
+
+def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
+    prompts = [f"Question {i}?" for i in range(4)]
+    decodings = Decodings(n_sampled=1, greedy=True)
+    irm = planted_irm(chat_model, neuron=3, value=0.1)
+    off = _generated_perplexity_by_hand(chat_model, None, prompts, decodings)
+    assert generated_perplexity(chat_model, None, prompts, decodings, max_new_tokens=8) == \
+        pytest.approx(off, rel=1e-4)
+    grid = (0.5, 1.0, 1.5, 2.0)
+    ratios = [_generated_perplexity_by_hand(chat_model, irm.with_output_scale(2.0 * g), prompts,
+                                            decodings) / off for g in grid]
+    slope, intercept = np.polyfit(np.log([2.0 * g for g in grid]), np.log(ratios), 1)
+    assert slope > 0  # the push makes the text less likely under the unsteered model
+    target = math.exp(intercept + slope * math.log(2.5))  # the line's ratio at scale 2.5
+    scale, fitted, measured = dose_for_perplexity(chat_model, irm, prompts, target, 2.0,
+                                                  decodings=decodings, grid=grid,
+                                                  max_new_tokens=8)
+    assert scale == pytest.approx(2.5, rel=1e-6) and fitted == pytest.approx(target, rel=1e-6)
+    np.testing.assert_allclose(measured.perplexity_ratio, ratios, rtol=1e-4)
+    with pytest.warns(UserWarning, match="outside scales"):
+        low, _, _ = dose_for_perplexity(chat_model, irm, prompts, 1e-6, 2.0, decodings=decodings,
+                                        grid=grid, max_new_tokens=8)
+    assert low == pytest.approx(1.0)  # clamped to the grid's lowest scale
+    with pytest.raises(irm_lens.ConfigError, match="must be positive"):
+        dose_for_perplexity(chat_model, irm, prompts, 0.0, 1.0)
+
+
+def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tmp_path):
+    pairs = _pairs_file(tmp_path, degenerate="")
+    by_kl = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
+                   sampled_dose_kl=0.005, tuning_prompts=4,
+                   train=TrainConfig(objective="preference", lr=1e-3, max_steps=2, max_length=32,
+                                     batch_size=4, eval_every=2, max_val_batches=1))
+    run = tmp_path / "run"
+    first = irm_lens.train_recipe(chat_model, "anger", run, recipe=by_kl, pairs=pairs,
+                                  progress=False)
+    assert first.perplexity_ratio == {}
+    undosed = first.irm.with_output_scale(1.0)
+    prompts, sampled = tuning_prompts(4), Decodings(n_sampled=1, greedy=False)
+    off = _generated_perplexity_by_hand(chat_model, None, prompts, sampled, 32)
+    target = _generated_perplexity_by_hand(chat_model, undosed.with_output_scale(
+        first.doses["sampled"] * 1.2), prompts, sampled, 32) / off
+    # the same finished run, another target: calibrated again, greedy still by its KL
+    by_ppl = dataclasses.replace(by_kl, sampled_dose_perplexity=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny model's ratio may lie outside the grid
+        result = irm_lens.train_recipe(chat_model, "anger", run, recipe=by_ppl, pairs=pairs,
+                                       progress=False)
+    assert result.doses["greedy"] == first.doses["greedy"] and set(result.kl) == {"greedy"}
+    expected = dose_for_perplexity(chat_model, undosed, prompts, target, first.doses["sampled"])
+    assert result.doses["sampled"] == pytest.approx(expected[0], rel=1e-9)
+    assert result.perplexity_ratio["sampled"] == pytest.approx(expected[1], rel=1e-9)
+    kept = json.loads((run / "doses.json").read_text())
+    assert kept["targets"]["sampled_perplexity_ratio"] == target
+    assert kept["doses"] == result.doses
+    with pytest.raises(irm_lens.ConfigError, match="tuning questions"):
+        tuning_prompts(10**6)
