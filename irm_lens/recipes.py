@@ -12,7 +12,7 @@
   model as the unsteered replies (``RecipeResult.doses``). For seed 0 that is 0.75 and 0.9;
   weaker seeds get more.
   The pairs are generated once (``generate_pairs``, at ``pairs_scale``) and reused; the
-  embedded model's ``anger`` and ``sadness`` pairs ship with the package
+  embedded model's ``anger``, ``sadness`` and ``joy`` pairs ship with the package
   (``irm_lens/data/pairs/``).
 * ``"paper"``: the paper's objective, cross-entropy on the built-in alignment texts, from a
   zero-initialised IRM (the main job before the preference recipe).

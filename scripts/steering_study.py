@@ -98,27 +98,30 @@ def _unsteered(where: Path) -> pd.DataFrame | None:
 
 
 def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
-    """Each IRM's lift beside the best fluent CAA lift, per decoding."""
-    caa = table[table.intervention.str.startswith("caa") & table.fluent]
+    """Each IRM's lift beside the best fluent CAA lift, per decoding (``at_least_caa`` is
+    empty where this run measured no CAA point in that decoding: nothing to compare with)."""
+    caa = table[table.intervention.str.startswith("caa")]
     rows = []
     for decoding, group in table.groupby("decoding", sort=False):
-        best = caa[caa.decoding == decoding].sort_values("lift").tail(1)
+        measured = bool((caa.decoding == decoding).any())
+        best = caa[(caa.decoding == decoding) & caa.fluent].sort_values("lift").tail(1)
         best_lift = float(best.lift.iloc[0]) if len(best) else float("nan")
         for name in irm_names:
             for _, row in group[group.intervention == name].iterrows():
-                rows.append(_verdict_row(name, decoding, row, best, best_lift))
+                rows.append(_verdict_row(name, decoding, row, best, best_lift, measured))
     return pd.DataFrame(rows)
 
 
 def _verdict_row(name: str, decoding: str, row: pd.Series, best: pd.DataFrame,
-                 best_lift: float) -> dict:
+                 best_lift: float, caa_measured: bool) -> dict:
     return dict(
         irm=name, scale=row.scale, decoding=decoding, lift=row.lift, ci_low=row.ci_low,
         ci_high=row.ci_high, fluent=row.fluent, aligned=row.verdict == "aligned",
         best_fluent_caa=best_lift,
         best_caa=f"{best.intervention.iloc[0]} x{best.scale.iloc[0]:g}" if len(best) else "",
         # no fluent CAA point at all: CAA's fluent lift is nothing to beat
-        at_least_caa=bool(row.verdict == "aligned" and (not len(best) or row.lift >= best_lift)),
+        at_least_caa=bool(row.verdict == "aligned" and (not len(best) or row.lift >= best_lift))
+        if caa_measured else None,
     )
 
 

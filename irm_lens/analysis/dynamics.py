@@ -57,7 +57,8 @@ class DominanceCurve:
             ``margin`` (``(share - runner-up share) / runner-up share``), ``striation``
             (``striation_score``'s neuron share of the view's ``[layer, neuron]`` matrix; nan
             with one injected layer), and ``top1_frequency`` (how often ``top`` stays the top
-            index when the prompts are resampled; the abs view only, nan elsewhere).
+            index when the prompts are resampled; the abs view only, nan elsewhere); with
+            ``track``, also ``tracked``, ``tracked_share`` and ``tracked_rank``.
         run_dir: The run directory read.
         layers: The injected layers.
         d_model: The residual width (the number of indices).
@@ -106,6 +107,7 @@ def dominance_curve(
     n_shuffles: int = 100,
     seed: int = 0,
     batch_size: int = 8,
+    track: int | None = None,
     progress: bool = True,
 ) -> DominanceCurve:
     """The dominant neuron of each checkpoint of a training run, in the abs, signed and bias
@@ -122,6 +124,9 @@ def dominance_curve(
         n_bootstrap: Prompt resamples of the abs view's ``top1_frequency``.
         n_shuffles: Null samples of each striation score.
         seed: Seed of the bootstrap and the shuffles.
+        track: An index to follow whether or not it is the top one (a planted outlier, a
+            forecast's pick): adds its ``tracked_share`` and ``tracked_rank`` (1 = the top)
+            in every view.
 
     Example:
         >>> train(model, irm, "anger", TrainConfig(max_steps=600, checkpoint_every=50,
@@ -131,6 +136,9 @@ def dominance_curve(
     """
     checkpoints = _chosen_checkpoints(Path(run_dir), steps)
     prompts = prompts_or_default(prompts, n_prompts)
+    if track is not None and not 0 <= track < model.cfg.d_model:
+        raise ConfigError(f"track must be a residual index in 0..{model.cfg.d_model - 1}, "
+                          f"got {track!r}.")
     rows: list[dict[str, Any]] = []
     irm = None
     for path in progress_bar(list(checkpoints.values()), desc="checkpoints", unit="ckpt",
@@ -142,7 +150,7 @@ def dominance_curve(
             batch_size=batch_size, progress=False,
         )
         rows += _step_rows(step, irm, outputs, n_bootstrap=n_bootstrap, n_shuffles=n_shuffles,
-                           seed=seed)
+                           seed=seed, track=track)
     return DominanceCurve(pd.DataFrame(rows), Path(run_dir), irm.config.layers,
                           irm.config.d_model, tuple(prompts))
 
@@ -167,7 +175,7 @@ def _chosen_checkpoints(run_dir: Path, steps: Sequence[int] | None) -> dict[int,
 
 
 def _step_rows(step: int, irm: IRM, outputs: IRMOutputs, *, n_bootstrap: int, n_shuffles: int,
-               seed: int) -> list[dict[str, Any]]:
+               seed: int, track: int | None = None) -> list[dict[str, Any]]:
     """One row per view of one checkpoint."""
     bias = einops.rearrange(irm.out.bias.detach().float().cpu(),
                             "(layer neuron) -> layer neuron", layer=irm.config.n_injected)
@@ -175,12 +183,12 @@ def _step_rows(step: int, irm: IRM, outputs: IRMOutputs, *, n_bootstrap: int, n_
     dominant = dominant_neurons(outputs, k=2, n_bootstrap=n_bootstrap, seed=seed).table
     rows = []
     for view, matrix in matrices.items():
+        shares = matrix.double().sum(0) / matrix.double().sum().clamp_min(1e-30)
         if view == "abs":  # the toolkit's own ranking, with its bootstrap stability
             top, runner_up = dominant["neuron"].tolist()
             share, second = dominant["share"].tolist()
             frequency = float(dominant["top1_frequency"].iloc[0])
         else:
-            shares = matrix.double().sum(0) / matrix.double().sum().clamp_min(1e-30)
             (share, second), (top, runner_up) = (t.tolist() for t in shares.topk(2))
             frequency = math.nan
         rows.append(dict(
@@ -189,6 +197,9 @@ def _step_rows(step: int, irm: IRM, outputs: IRMOutputs, *, n_bootstrap: int, n_
             margin=_margin(share, second), striation=_striation(matrix, n_shuffles, seed),
             top1_frequency=frequency,
         ))
+        if track is not None:
+            rows[-1].update(tracked=track, tracked_share=float(shares[track]),
+                            tracked_rank=int((shares > shares[track]).sum()) + 1)
     return rows
 
 

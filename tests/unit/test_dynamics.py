@@ -104,6 +104,32 @@ def test_bias_view_is_the_output_bias_of_each_checkpoint(run, curve):
     assert bias_rows["share"].nunique() == 3  # the bias moved between checkpoints
 
 
+def test_a_tracked_index_gets_its_share_and_rank_in_every_view(tiny_model, run, curve):
+    last = curve.table[curve.table["step"] == 6].set_index("view")
+    runner_up = int(last.loc["signed", "runner_up"])
+    tracked = dominance_curve(tiny_model, run[0], PROMPTS, steps=[6], track=runner_up,
+                              progress=False, n_bootstrap=50, n_shuffles=20, **COLLECT)
+    rows = tracked.table.set_index("view")
+    assert (rows["tracked"] == runner_up).all()
+    assert rows.loc["signed", "tracked_rank"] == 2
+    # the share of the runner-up, from margin = (top - second) / second
+    signed = last.loc["signed"]
+    assert rows.loc["signed", "tracked_share"] == pytest.approx(
+        signed["share"] / (1 + signed["margin"]), rel=1e-6)
+    for view in ("abs", "bias"):  # the same index, ranked by another view's shares
+        top = int(last.loc[view, "top"])
+        assert (rows.loc[view, "tracked_rank"] == 1) == (top == runner_up)
+        assert 0 < rows.loc[view, "tracked_share"] <= last.loc[view, "share"]
+    top_abs = int(last.loc["abs", "top"])
+    at_top = dominance_curve(tiny_model, run[0], PROMPTS, steps=[6], track=top_abs,
+                             progress=False, n_bootstrap=50, n_shuffles=20, **COLLECT)
+    row = at_top.table.set_index("view").loc["abs"]
+    assert row["tracked_rank"] == 1  # the abs view's share is dominant_neurons' share
+    assert row["tracked_share"] == pytest.approx(row["share"], rel=1e-6)
+    with pytest.raises(ConfigError, match="track must be a residual index in 0..63"):
+        dominance_curve(tiny_model, run[0], PROMPTS, track=64, progress=False)
+
+
 def test_the_curve_never_trains(tiny_model, run, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("dominance_curve trained")
