@@ -22,7 +22,8 @@ The public API:
   ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
   ``activation_magnitudes``, ``logit_attribution``, ``norm_scale_split`` (direct vs
   norm-scale path), ``patch_neuron``, ``ablate``, ``explain`` (all of them for one index), and
-  ``dominance_curve`` (the dominant index along a run's checkpoints);
+  ``dominance_curve`` (the dominant index along a run's checkpoints) and
+  ``cross_run_agreement`` (how runs agree on their indices as they train);
 * ``plant_outlier`` / ``outlier_signature``: a model organism, an index given the 1512
   signature by a weight edit, the analyses' ground truth;
 * ``predict_dominant``: the index a trained IRM will rely on, forecast from the frozen model
@@ -35,7 +36,7 @@ from irm_lens._packages import irm_lens_version
 from irm_lens.analysis.ablation import Ablation, AblationResult, ablate, measure_ablation
 from irm_lens.analysis.attribution import LogitAttribution, logit_attribution
 from irm_lens.analysis.dossier import NeuronDossier, explain
-from irm_lens.analysis.dynamics import DominanceCurve, dominance_curve
+from irm_lens.analysis.dynamics import DominanceCurve, cross_run_agreement, dominance_curve
 from irm_lens.analysis.magnitudes import ActivationMagnitudes, activation_magnitudes
 from irm_lens.analysis.norms import NormWeights, norm_weights
 from irm_lens.analysis.normscale import NormScaleSplit, norm_scale_split
@@ -116,6 +117,7 @@ __all__ = [
     "activation_magnitudes",
     "collect_irm_outputs",
     "compare_runs",
+    "cross_run_agreement",
     "dominance_curve",
     "dominant_neurons",
     "explain",

@@ -11,8 +11,13 @@ the run gets longer?
         --layer-sets every4 --plant 100 --out runs/long/planted
 
 Runs resume from their checkpoints (the sweep's run directories under ``--out/sweep``); the
-tables (``curves.csv``, ``forecast_by_step.csv``, ``runs.csv``) and one figure per run
-(``curve-<run>.html``) are written under ``--out``.
+tables (``curves.csv``, ``forecast_by_step.csv``, ``runs.csv``), every checkpoint's per-index
+mass (``masses.pt``) and one figure per run (``curve-<run>.html``) are written under ``--out``.
+``--summarize DIR [DIR ...]`` reads those of one or more ``--out`` directories and prints, by
+step, the runs' dominance, their agreement with each other (``cross_run_agreement``) and the
+forecast's hits:
+
+    python scripts/long_runs.py --summarize runs/long/s0 runs/long/s1 --out runs/long/summary
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import pandas as pd
 import torch
 
 import irm_lens
+from irm_lens.analysis.stats import spearman
 from irm_lens.report.figures import dominance_curve_figure
+
+# the steps the summary tables show
+SUMMARY_STEPS = (100, 200, 500, 1000, 1500, 2000)
 
 
 def _plant(model, index: int, out: Path) -> None:
@@ -45,6 +54,8 @@ def _forecast_by_step(curve: irm_lens.DominanceCurve, forecast) -> pd.DataFrame:
     rows["forecast_top"] = forecast.top
     rows["forecast_rank_of_top"] = [ranking.index(int(t)) + 1 for t in rows["top"]]
     rows["named"] = rows["top"] == forecast.top
+    rows["forecast_spearman"] = [spearman(forecast.scores, curve.mass_at(int(step)))
+                                 for step in rows["step"]]
     return rows
 
 
@@ -61,6 +72,49 @@ def _final_row(name: str, curve: irm_lens.DominanceCurve, forecast, seconds: flo
     return row
 
 
+def summarize(dirs: list[Path], out: Path) -> None:
+    """Print (and write under ``out``) the summary tables of finished ``--out`` directories."""
+    curves = pd.concat(pd.read_csv(d / "curves.csv") for d in dirs)
+    by_step = pd.concat(pd.read_csv(d / "forecast_by_step.csv") for d in dirs)
+    masses = {name: saved for d in dirs for name, saved in torch.load(d / "masses.pt").items()}
+    steps = [s for s in SUMMARY_STEPS if s in set(curves["step"])]
+    growth = curves[curves.step.isin(steps)].pivot_table(
+        index=["run", "view"], columns="step", values="ratio_to_uniform").round(2)
+    tops = curves[curves.step.isin(steps)].pivot_table(
+        index=["run", "view"], columns="step", values="top", aggfunc="first")
+    forecast = by_step[by_step.step.isin(steps)].groupby("step").agg(
+        named=("named", "sum"), n_runs=("run", "count"),
+        median_rank_of_top=("forecast_rank_of_top", "median"),
+        spearman=("forecast_spearman", "mean"))
+    agreement = []
+    for group, names in _groups(masses).items():
+        rebuilt = {n: _rebuilt(curves[curves.run == n], n, masses[n]["mass"]) for n in names}
+        agreement.append(irm_lens.cross_run_agreement(rebuilt).assign(runs=group))
+    agreement = pd.concat(agreement)
+    agreement = agreement[agreement.step.isin(steps)]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in dict(growth=growth, tops=tops, forecast=forecast,
+                            agreement=agreement).items():
+        table.to_csv(out / f"{name}.csv")
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(f"\n{name}:\n{table.round(3).to_string()}")
+
+
+def _rebuilt(table: pd.DataFrame, name: str, mass: torch.Tensor) -> irm_lens.DominanceCurve:
+    """A saved curve, enough of it for ``cross_run_agreement`` (its steps and masses)."""
+    return irm_lens.DominanceCurve(table, Path(name), (), mass.shape[1], (), mass)
+
+
+def _groups(masses: dict) -> dict[str, list[str]]:
+    """The runs compared with each other: all of them, those of each alignment, and those of
+    each alignment and layer set (the seeds of one setting)."""
+    groups = {"every run": sorted(masses)}
+    for name in sorted(masses):  # e.g. anger-every4-nol1-s0
+        groups.setdefault(name.split("-")[0], []).append(name)
+        groups.setdefault(name.rsplit("-", 2)[0], []).append(name)
+    return {g: names for g, names in groups.items() if len(names) >= 2}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--alignments", default="anger,sadness")
@@ -74,8 +128,12 @@ def main() -> None:
     p.add_argument("--n-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", required=True)
+    p.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="train nothing: summarize these finished --out directories")
     args = p.parse_args()
     out = Path(args.out)
+    if args.summarize:
+        return summarize(args.summarize, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2))
 
@@ -91,7 +149,7 @@ def main() -> None:
     alignments = args.alignments.split(",")
     forecasts = {a: irm_lens.predict_dominant(model, alignment=a, progress=False)
                  for a in alignments}
-    curves, by_step, finals = [], [], []
+    curves, by_step, finals, masses = [], [], [], {}
     for run in irm_lens.sweep_runs(out / "sweep", alignments, args.layer_sets.split(","),
                                    (False,), [int(s) for s in args.seeds.split(",")]):
         start = time.perf_counter()
@@ -105,6 +163,8 @@ def main() -> None:
         curves.append(curve.table.assign(run=run.name))
         by_step.append(_forecast_by_step(curve, forecast).assign(run=run.name))
         finals.append(_final_row(run.name, curve, forecast, seconds))
+        masses[run.name] = dict(steps=curve.steps, mass=curve.mass)
+        torch.save(masses, out / "masses.pt")
         dominance_curve_figure(curve).write_html(out / f"curve-{run.name}.html",
                                                  include_plotlyjs=True)
         print(pd.DataFrame([finals[-1]]).round(3).to_string(index=False), flush=True)

@@ -18,13 +18,15 @@ the signed view.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import einops
 import pandas as pd
+import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -38,6 +40,7 @@ from irm_lens.analysis.outputs import (
     dominant_neurons,
     striation_score,
 )
+from irm_lens.analysis.stats import spearman
 from irm_lens.errors import ConfigError
 from irm_lens.irm import IRM
 from irm_lens.train import checkpoint_irm, run_checkpoints
@@ -63,6 +66,9 @@ class DominanceCurve:
         layers: The injected layers.
         d_model: The residual width (the number of indices).
         prompts: The prompts every checkpoint's outputs were collected on.
+        mass: The abs view's per-index mass at each checkpoint (``IRMOutputs.neuron_mass``:
+            each index's share of the total mean |output|), one row per step of ``steps``;
+            what ``cross_run_agreement`` and ``check_prediction`` compare.
     """
 
     table: pd.DataFrame
@@ -70,6 +76,7 @@ class DominanceCurve:
     layers: tuple[int, ...]
     d_model: int
     prompts: tuple[str, ...]
+    mass: Float[Tensor, "step neuron"]
 
     @property
     def steps(self) -> list[int]:
@@ -91,6 +98,13 @@ class DominanceCurve:
         while first > 0 and tops[first - 1] == tops[-1]:
             first -= 1
         return int(steps[first])
+
+    def mass_at(self, step: int) -> Float[Tensor, " neuron"]:
+        """The abs view's per-index mass at one checkpoint step."""
+        if step not in self.steps:
+            raise ConfigError(f"step {step!r} is not a checkpoint of this curve; it has steps "
+                              f"{self.steps}.")
+        return self.mass[self.steps.index(step)]
 
 
 def dominance_curve(
@@ -140,6 +154,7 @@ def dominance_curve(
         raise ConfigError(f"track must be a residual index in 0..{model.cfg.d_model - 1}, "
                           f"got {track!r}.")
     rows: list[dict[str, Any]] = []
+    masses: list[Tensor] = []
     irm = None
     for path in progress_bar(list(checkpoints.values()), desc="checkpoints", unit="ckpt",
                              disable=not progress):
@@ -151,8 +166,45 @@ def dominance_curve(
         )
         rows += _step_rows(step, irm, outputs, n_bootstrap=n_bootstrap, n_shuffles=n_shuffles,
                            seed=seed, track=track)
+        masses.append(outputs.neuron_mass.float().cpu())
     return DominanceCurve(pd.DataFrame(rows), Path(run_dir), irm.config.layers,
-                          irm.config.d_model, tuple(prompts))
+                          irm.config.d_model, tuple(prompts), torch.stack(masses))
+
+
+def cross_run_agreement(curves: Mapping[str, DominanceCurve], k: int = 10) -> pd.DataFrame:
+    """How much runs agree on their indices at each checkpoint step they all share.
+
+    If training pushes the indices whose gradient keeps its sign (a property of the frozen model
+    and the data, not of the seed), runs of one setting should agree more as they train longer.
+
+    Returns:
+        One row per shared step: ``n_runs``; ``modal_top`` (the abs view's top index most runs
+        share) and ``modal_count`` (how many); the mean over run pairs of the ``spearman``
+        correlation of their per-index mass and of ``topk_overlap`` (indices shared by their
+        top ``k``), beside ``topk_overlap_chance`` (``k * k / d_model``, two random top-k sets).
+    """
+    if len(curves) < 2:
+        raise ConfigError(f"cross_run_agreement needs at least two curves, got {len(curves)}.")
+    widths = {c.d_model for c in curves.values()}
+    steps = sorted(set.intersection(*(set(c.steps) for c in curves.values())))
+    if len(widths) > 1 or not steps:
+        raise ConfigError(f"The curves must share a residual width and at least one step; widths "
+                          f"{sorted(widths)}, shared steps {steps}.")
+    d_model = widths.pop()
+    rows = []
+    for step in steps:
+        masses = [c.mass_at(step) for c in curves.values()]
+        tops = pd.Series([int(m.argmax()) for m in masses])
+        top_sets = [set(m.topk(k).indices.tolist()) for m in masses]
+        pairs = list(itertools.combinations(range(len(masses)), 2))
+        rows.append(dict(
+            step=step, n_runs=len(masses), modal_top=int(tops.mode().iloc[0]),
+            modal_count=int(tops.value_counts().iloc[0]),
+            spearman=sum(spearman(masses[i], masses[j]) for i, j in pairs) / len(pairs),
+            topk_overlap=sum(len(top_sets[i] & top_sets[j]) for i, j in pairs) / len(pairs),
+            topk_overlap_chance=k * k / d_model,
+        ))
+    return pd.DataFrame(rows)
 
 
 def _chosen_checkpoints(run_dir: Path, steps: Sequence[int] | None) -> dict[int, Path]:

@@ -71,6 +71,13 @@ def test_last_step_abs_view_is_dominant_neurons_of_the_final_irm(tiny_model, run
     assert last["top1_frequency"] == dom.table["top1_frequency"].iloc[0]
     # an earlier checkpoint is another IRM: its outputs differ
     assert curve.view("abs")["share"].nunique() == 3
+    # the curve keeps each checkpoint's per-index mass: the last one is the final IRM's
+    assert curve.mass.shape == (3, 64)
+    torch.testing.assert_close(curve.mass_at(6), outputs.neuron_mass.float())
+    assert int(curve.mass_at(6).argmax()) == dom.top
+    assert not torch.equal(curve.mass_at(2), curve.mass_at(6))
+    with pytest.raises(ConfigError, match=r"step 5 is not a checkpoint .*\[2, 4, 6\]"):
+        curve.mass_at(5)
 
 
 def test_signed_view_ranks_the_token_mean_of_signed_outputs(tiny_model, run, curve):
@@ -161,12 +168,47 @@ def test_unknown_steps_list_the_steps_on_disk(tiny_model, run):
 
 def test_settled_step_is_where_the_top_index_stops_changing():
     table = pd.DataFrame(dict(step=[10, 20, 30, 40], view="abs", top=[7, 5, 7, 7]))
-    curve = DominanceCurve(table, run_dir=None, layers=(0, 1), d_model=8, prompts=())
+    curve = DominanceCurve(table, run_dir=None, layers=(0, 1), d_model=8, prompts=(),
+                           mass=torch.zeros(0, 8))
     assert curve.settled_step("abs") == 30
-    same = DominanceCurve(table.assign(top=3), run_dir=None, layers=(0, 1), d_model=8, prompts=())
+    same = DominanceCurve(table.assign(top=3), run_dir=None, layers=(0, 1), d_model=8,
+                          prompts=(), mass=torch.zeros(0, 8))
     assert same.settled_step() == 10
     with pytest.raises(ConfigError, match="view must be one of"):
         curve.view("mean")
+
+
+def _curve_of(masses: dict[int, list[float]]) -> DominanceCurve:
+    """A curve made by hand: only its steps and masses matter to cross_run_agreement."""
+    table = pd.DataFrame(dict(step=list(masses), view="abs"))
+    return DominanceCurve(table, run_dir=None, layers=(0,), d_model=6, prompts=(),
+                          mass=torch.tensor(list(masses.values())))
+
+
+def test_cross_run_agreement_against_a_hand_computation():
+    a = _curve_of({10: [6, 5, 4, 3, 2, 1], 20: [1, 2, 3, 4, 5, 6], 30: [0, 0, 0, 0, 0, 1]})
+    b = _curve_of({10: [6, 5, 4, 3, 2, 1], 20: [6, 5, 4, 3, 2, 1]})  # no step 30
+    c = _curve_of({10: [1, 2, 3, 4, 5, 6], 20: [1, 2, 3, 5, 4, 6]})
+    table = irm_lens.cross_run_agreement({"a": a, "b": b, "c": c}, k=2).set_index("step")
+    assert list(table.index) == [10, 20]  # the steps every curve has
+    # step 10: a and b rank identically (+1), c reversed (-1 with each): mean (1 - 1 - 1) / 3
+    assert table.loc[10, "spearman"] == pytest.approx(-1 / 3)
+    assert (table.loc[10, "modal_top"], table.loc[10, "modal_count"]) == (0, 2)
+    # top-2 sets {0, 1}, {0, 1}, {5, 4}: overlaps 2, 0, 0
+    assert table.loc[10, "topk_overlap"] == pytest.approx(2 / 3)
+    # step 20: a and c share index 5 at the top; c swaps a's 2nd and 3rd (rho 1 - 6*2/210),
+    # b is a reversed: rho(a, b) = -1, rho(b, c) = -(1 - 12/210)
+    assert (table.loc[20, "modal_top"], table.loc[20, "modal_count"]) == (5, 2)
+    assert table.loc[20, "spearman"] == pytest.approx((-1 + (1 - 12 / 210) - (1 - 12 / 210)) / 3)
+    # top-2 sets {5, 4}, {0, 1}, {5, 3}: overlaps 0, 1, 0
+    assert table.loc[20, "topk_overlap"] == pytest.approx(1 / 3)
+    assert (table["topk_overlap_chance"] == 4 / 6).all() and (table["n_runs"] == 3).all()
+    with pytest.raises(ConfigError, match="at least two curves"):
+        irm_lens.cross_run_agreement({"a": a})
+    wider = DominanceCurve(pd.DataFrame(dict(step=[10], view="abs")), None, (0,), 7, (),
+                           torch.ones(1, 7))
+    with pytest.raises(ConfigError, match=r"widths \[6, 7\]"):
+        irm_lens.cross_run_agreement({"a": a, "w": wider})
 
 
 def test_figure_draws_both_panels_for_every_view(curve):
