@@ -188,7 +188,9 @@ def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
     scale, fitted, measured = dose_for_perplexity(chat_model, irm, prompts, target, 2.0,
                                                   decodings=decodings, grid=grid,
                                                   max_new_tokens=8)
-    assert scale == pytest.approx(2.5, rel=1e-6) and fitted == pytest.approx(target, rel=1e-6)
+    # the batched ratios match the hand-computed ones to 1e-4 (below), so the fitted line,
+    # and the scale it gives, to about that
+    assert scale == pytest.approx(2.5, rel=1e-4) and fitted == pytest.approx(target, rel=1e-4)
     np.testing.assert_allclose(measured.perplexity_ratio, ratios, rtol=1e-4)
     with pytest.warns(UserWarning, match="outside scales"):
         low, _, _ = dose_for_perplexity(chat_model, irm, prompts, 1e-6, 2.0, decodings=decodings,
