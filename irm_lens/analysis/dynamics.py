@@ -179,7 +179,7 @@ def cross_run_agreement(curves: Mapping[str, DominanceCurve], k: int = 10) -> pd
 
     Returns:
         One row per shared step: ``n_runs``; ``modal_top`` (the abs view's top index most runs
-        share) and ``modal_count`` (how many); the mean over run pairs of the ``spearman``
+        share; the smallest such index on a tie) and ``modal_count`` (how many); the mean over run pairs of the ``spearman``
         correlation of their per-index mass and of ``topk_overlap`` (indices shared by their
         top ``k``), beside ``topk_overlap_chance`` (``k * k / d_model``, two random top-k sets).
     """
