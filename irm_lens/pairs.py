@@ -122,6 +122,13 @@ def write_pairs(table: pd.DataFrame, out: str | os.PathLike, alignment: str) -> 
     return atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
 
 
+def kept_share(path: str | os.PathLike) -> tuple[int, int]:
+    """How many questions of a ``generate_pairs`` file kept a pair, and how many it asked."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return sum(bool(row.get("kept", True)) for row in rows), len(rows)
+
+
 def read_pairs(path: str | os.PathLike, *, kept_only: bool = True, degenerate: bool = False
                ) -> list[PreferencePair]:
     """The ``(prompt, chosen, rejected)`` pairs of a file written by ``generate_pairs``; with

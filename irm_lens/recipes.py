@@ -9,22 +9,25 @@
   dosed per decoding: for greedy decoding, to move the model by a KL of 0.415 nats per token
   on the pairs' unsteered replies; for sampled decoding (which tolerates a stronger push), to
   make its sampled replies to 40 tuning questions 3.47 times as perplexing to the unsteered
-  model as the unsteered replies (``RecipeResult.doses``). For seed 0 that is 0.75 and 0.9;
-  weaker seeds get more.
-  The pairs are generated once (``generate_pairs``, at ``pairs_scale``) and reused; the
+  model as the unsteered replies (``RecipeResult.doses``). For anger's seed 0 that is 0.75 and
+  0.9; weaker seeds get more. Sadness and joy have targets of their own, set the same way
+  (``Recipe.alignment_targets``).
+  The pairs are generated once (``generate_pairs``, at the first of ``pairs_scales`` at which
+  enough of the vector's replies stay fluent to keep a pair) and reused; the
   embedded model's ``anger``, ``sadness`` and ``joy`` pairs ship with the package
   (``irm_lens/data/pairs/``).
 * ``"paper"``: the paper's objective, cross-entropy on the built-in alignment texts, from a
   zero-initialised IRM (the main job before the preference recipe).
 
-The measurements behind the choice are in docs/training.md ("The steering study" and
-"Diversity").
+The measurements behind the choice are in docs/training.md ("The steering study",
+"Diversity", and "Sadness and joy: pairs at a fluent scale, doses of their own").
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -42,7 +45,7 @@ from irm_lens.inject import inject
 from irm_lens.irm import IRM
 from irm_lens.models import EMBEDDED_MODEL_NAME
 from irm_lens.objectives import mean_kl
-from irm_lens.pairs import generate_pairs, read_pairs
+from irm_lens.pairs import generate_pairs, kept_share, read_pairs
 from irm_lens.steering import SteeringVector, mean_difference_vector, warm_start
 from irm_lens.train import TrainConfig, TrainResult, train
 
@@ -50,6 +53,9 @@ SHIPPED_PAIRS = Path(__file__).parent / "data" / "pairs"
 # The tuning questions: training-split questions from this one on, which no shipped pair asks
 # (the anger pairs asked 0-939) and no held-out evaluation set holds.
 FIRST_TUNING_QUESTION = 940
+# The calibration's version, kept in a run's doses.json: doses found by an earlier rule are
+# found again (2: the perplexity fit extends its span toward the target).
+DOSE_RULE = 2
 
 
 @dataclass(frozen=True)
@@ -62,9 +68,13 @@ class Recipe:
         vector_depth / vector_scale: The CAA vector of the warm start, at the layer this far
             through the model (0.4: layer 12 of SmolLM2's 30, 13 of Llama 2's 32; None: no
             warm start), and its scale.
-        pairs_scale / pairs_sampled: The vector's scale when it writes the chosen replies of the
-            pairs, and its sampled candidates per question (at 4, 40-49% of the embedded
-            model's questions kept a pair; at 5, 16%).
+        pairs_scales / pairs_sampled: The vector's scales for writing the chosen replies of
+            the pairs, tried in turn, and its sampled candidates per question. The first scale
+            at which at least ``pairs_min_kept`` of the questions keep a pair is used: a vector
+            strong enough to carry the tone, not so strong that its replies loop (the embedded
+            model kept a pair for 40-49% of its questions at anger x4 and 16% at x5; sadness
+            x4 kept 8%, x3 49%).
+        pairs_min_kept: That share.
         degenerate_pairs: Also train on (question, chosen, degenerate steered reply) pairs.
         dose: The trained IRM's ``output_scale``: below 1 it trades lift for diversity (chosen
             on training questions no pair asked, ``scripts/dose_tuning.py``). The IRM the
@@ -84,6 +94,10 @@ class Recipe:
             (``dose_for_perplexity``, fitted around the ``sampled_dose_kl`` dose). At one KL a
             weak seed spends less fluency, and gets less lift, than a strong one.
         tuning_prompts: How many tuning questions (``tuning_prompts()``) that calibration uses.
+        alignment_targets: Per alignment, calibration targets that replace the three above
+            (``dose_kl``, ``sampled_dose_kl``, ``sampled_dose_perplexity``): each set from one
+            seed whose doses were chosen on the tuning questions (``targets_at``). Alignments
+            not named use the recipe's own, chosen for anger.
         train: The optimisation settings (``max_steps`` is the recipe's length).
     """
 
@@ -92,7 +106,8 @@ class Recipe:
     preset: str = "small"
     vector_depth: float | None = 0.4
     vector_scale: float = 4.0
-    pairs_scale: float = 4.0
+    pairs_scales: tuple[float, ...] = (4.0, 3.0, 2.0)
+    pairs_min_kept: float = 0.3
     pairs_sampled: int = 3
     degenerate_pairs: bool = True
     dose: float = 1.0
@@ -101,7 +116,12 @@ class Recipe:
     sampled_dose_kl: float | None = None
     sampled_dose_perplexity: float | None = None
     tuning_prompts: int = 40
+    alignment_targets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
+
+    def for_alignment(self, alignment: str) -> Recipe:
+        """This recipe with ``alignment``'s own calibration targets, where it has them."""
+        return replace(self, **self.alignment_targets.get(alignment, {}))
 
     def doses(self) -> dict[str, float]:
         """The fixed dose of each decoding."""
@@ -154,6 +174,13 @@ RECIPES: dict[str, Recipe] = {
         dose_kl=0.415,
         sampled_dose_kl=0.62,
         sampled_dose_perplexity=3.47,
+        # sadness and joy: seed 0's targets at the largest doses whose replies to the 160
+        # tuning questions passed every check, per decoding (docs/training.md, "Sadness and
+        # joy: doses of their own"; scripts/dose_tuning.py --targets-at)
+        alignment_targets={
+            "sadness": dict(dose_kl=0.737, sampled_dose_kl=0.737, sampled_dose_perplexity=2.61),
+            "joy": dict(dose_kl=0.663, sampled_dose_kl=0.833, sampled_dose_perplexity=2.40),
+        },
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,
                           max_val_batches=4, checkpoint_every=15),
@@ -183,17 +210,10 @@ def dose_for_kl(
     for name, target in targets.items():
         if not target > 0:
             raise ConfigError(f"The target KL of {name!r} must be positive, got {target!r}.")
-    device = model.cfg.device
-    ids, mask = texts.input_ids.to(device), texts.attention_mask.to(device)
-    ref = model(ids).float().log_softmax(-1)  # [n, pos, d_vocab], computed once
-    measured: dict[float, float] = {}
+    kl_at, measured = _kl_meter(model, irm, texts)
 
     def log_kl(log_scale: float) -> float:
-        scale = math.exp(log_scale)
-        if scale not in measured:
-            with inject(model, irm.with_output_scale(scale)):
-                measured[scale] = mean_kl(ref, model(ids).float().log_softmax(-1), mask).item()
-        return math.log(max(measured[scale], 1e-30))
+        return math.log(max(kl_at(math.exp(log_scale)), 1e-30))
 
     found = {}
     for name, target in targets.items():
@@ -207,11 +227,46 @@ def dose_for_kl(
     return found
 
 
+def _kl_meter(model: HookedTransformer, irm: IRM, texts: TokenizedTexts):
+    """A function of the output scale: the mean KL(unsteered || steered) it moves the model
+    by on ``texts`` (the unsteered pass computed once), and the dict of scales it measured."""
+    device = model.cfg.device
+    ids, mask = texts.input_ids.to(device), texts.attention_mask.to(device)
+    ref = model(ids).float().log_softmax(-1)  # [n, pos, d_vocab]
+    measured: dict[float, float] = {}
+
+    def kl_at(scale: float) -> float:
+        if scale not in measured:
+            with inject(model, irm.with_output_scale(scale)):
+                measured[scale] = mean_kl(ref, model(ids).float().log_softmax(-1), mask).item()
+        return measured[scale]
+
+    return kl_at, measured
+
+
+@torch.no_grad()
+def targets_at(model: HookedTransformer, irm: IRM, pairs: list[PreferencePair],
+               doses: Mapping[str, float], recipe: Recipe) -> dict[str, float]:
+    """The calibration targets at which ``recipe`` would give ``irm`` these ``doses``: the KL
+    the greedy and sampled doses move the model by on the calibration texts, and the sampled
+    replies' perplexity ratio on the tuning questions. A recipe's targets are set this way
+    from one seed whose doses were chosen on the tuning questions (``Recipe.alignment_targets``).
+    """
+    kl_at, _ = _kl_meter(model, irm, calibration_texts(model, pairs))
+    tuning, one_sample = tuning_prompts(recipe.tuning_prompts), Decodings(n_sampled=1, greedy=False)
+    ratio = (generated_perplexity(model, irm.with_output_scale(doses["sampled"]), tuning,
+                                  one_sample, max_new_tokens=32)
+             / generated_perplexity(model, None, tuning, one_sample, max_new_tokens=32))
+    return dict(dose_kl=kl_at(doses["greedy"]), sampled_dose_kl=kl_at(doses["sampled"]),
+                sampled_dose_perplexity=ratio)
+
+
 @torch.no_grad()
 def dose_for_perplexity(
     model: HookedTransformer, irm: IRM, prompts: list[str], target: float, near: float, *,
     decodings: Decodings = Decodings(n_sampled=1, greedy=False),
     grid: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2), max_new_tokens: int = 32,
+    extend: int = 3, step: float = 1.5,
 ) -> tuple[float, float, pd.DataFrame]:
     """The output scale at which the model steered by ``irm`` answers ``prompts`` (in
     ``decodings``: by default one seeded sample each) with text whose perplexity under the
@@ -222,30 +277,53 @@ def dose_for_perplexity(
     replies). Sampled on a few dozen prompts it wobbles by a few percent from one scale to the
     next, too much for a root search; it grows close to a power of the scale, so it is measured
     at ``near`` times each of ``grid`` (one generation of the prompts each, with the same
-    seeds) and a least-squares line through (log scale, log ratio) gives the scale. A scale
-    outside the grid's span is clamped to it, with a warning.
+    seeds) and a least-squares line through (log scale, log ratio) gives the scale. Where that
+    scale lies outside the measured span, the span is extended toward it (a scale at most
+    ``step`` times beyond its end, measured and added to the fit) up to ``extend`` times; a
+    scale still outside is clamped to the span, with a warning.
     """
     if not target > 0 or not near > 0:
         raise ConfigError(f"The target perplexity ratio and the scale near it must be positive; "
                           f"got {target!r} and {near!r}.")
     kwargs = dict(max_new_tokens=max_new_tokens)
     off = generated_perplexity(model, None, prompts, decodings, **kwargs)
-    scales = [near * g for g in grid]
-    ratios = [generated_perplexity(model, irm.with_output_scale(s), prompts, decodings, **kwargs)
-              / off for s in scales]
-    x, y = torch.tensor(scales).log().double(), torch.tensor(ratios).log().double()
+
+    def ratio_at(scale: float) -> float:
+        return generated_perplexity(model, irm.with_output_scale(scale), prompts, decodings,
+                                    **kwargs) / off
+
+    ratios = {near * g: ratio_at(near * g) for g in grid}
+    for extended in range(extend + 1):
+        scale, line = _log_line_crossing(ratios, target)
+        lo, hi = min(ratios), max(ratios)
+        if lo <= scale <= hi or extended == extend:
+            break
+        further = min(scale, hi * step) if scale > hi else max(scale, lo / step)
+        ratios[further] = ratio_at(further)
+    clamped = min(max(scale, lo), hi)
+    if clamped != scale:
+        warnings.warn(f"dose_for_perplexity: the target ratio {target:g} lies outside scales "
+                      f"{lo:.3g}-{hi:.3g} (ratios {ratios[lo]:.3g}-{ratios[hi]:.3g}); using "
+                      f"scale {clamped:.3g}.", stacklevel=2)
+    measured = pd.DataFrame(dict(scale=list(ratios), perplexity_ratio=list(ratios.values())))
+    return clamped, line(clamped), measured.sort_values("scale", ignore_index=True)
+
+
+def _log_line_crossing(ratios: Mapping[float, float], target: float):
+    """Where the least-squares line through (log scale, log ratio) reaches ``target``, and the
+    line as a function of the scale."""
+    x = torch.tensor(list(ratios)).log().double()
+    y = torch.tensor(list(ratios.values())).log().double()
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum())
     if not slope > 0:
         raise ConfigError(f"dose_for_perplexity: the perplexity ratio does not grow with the "
-                          f"scale around {near:.3g} (ratios {[round(r, 3) for r in ratios]}).")
-    log_scale = float(x.mean()) + (math.log(target) - float(y.mean())) / slope
-    scale = min(max(math.exp(log_scale), scales[0]), scales[-1])
-    if scale != math.exp(log_scale):
-        warnings.warn(f"dose_for_perplexity: the target ratio {target:g} lies outside scales "
-                      f"{scales[0]:.3g}-{scales[-1]:.3g} (ratios {ratios[0]:.3g}-{ratios[-1]:.3g});"
-                      f" using scale {scale:.3g}.", stacklevel=2)
-    fitted = math.exp(float(y.mean()) + slope * (math.log(scale) - float(x.mean())))
-    return scale, fitted, pd.DataFrame(dict(scale=scales, perplexity_ratio=ratios))
+                          f"scale (scales {[round(s, 3) for s in ratios]}, ratios "
+                          f"{[round(r, 3) for r in ratios.values()]}).")
+
+    def line(scale: float) -> float:
+        return math.exp(float(y.mean()) + slope * (math.log(scale) - float(x.mean())))
+
+    return math.exp(float(x.mean()) + (math.log(target) - float(y.mean())) / slope), line
 
 
 def tuning_prompts(n: int) -> list[str]:
@@ -310,7 +388,7 @@ def caa_vector(model: HookedTransformer, alignment: str, recipe: Recipe,
 def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVector,
                  recipe: Recipe, out_dir: Path | None, progress: bool = True):
     """The shipped pairs for ``alignment`` on the embedded model, else pairs generated once
-    (and kept in ``out_dir/pairs.jsonl``)."""
+    (and kept in ``out_dir/pairs.jsonl``; each scale tried in ``out_dir/pairs_x<scale>.jsonl``)."""
     shipped = SHIPPED_PAIRS / f"{alignment}.jsonl"
     path = out_dir / "pairs.jsonl" if out_dir is not None else None
     if shipped.exists() and model.cfg.model_name == EMBEDDED_MODEL_NAME:
@@ -318,9 +396,27 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
     elif path is None:
         raise ConfigError("Generating the recipe's pairs needs an out_dir to keep them in.")
     elif not path.exists():
-        generate_pairs(model, vector.with_scale(recipe.pairs_scale), alignment, path,
-                       n_sampled=recipe.pairs_sampled, progress=progress)
+        shutil.copyfile(_fluent_scale_pairs(model, vector, alignment, recipe, out_dir, progress),
+                        path)
     return read_pairs(path, degenerate=recipe.degenerate_pairs)
+
+
+def _fluent_scale_pairs(model: HookedTransformer, vector: SteeringVector, alignment: str,
+                        recipe: Recipe, out_dir: Path, progress: bool) -> Path:
+    """The pairs file of the first of the recipe's scales at which enough questions keep a
+    pair (else the last scale's, with a warning)."""
+    for scale in recipe.pairs_scales:
+        path = out_dir / f"pairs_x{scale:g}.jsonl"
+        if not path.exists():
+            generate_pairs(model, vector.with_scale(scale), alignment, path,
+                           n_sampled=recipe.pairs_sampled, progress=progress)
+        kept, total = kept_share(path)
+        if kept >= recipe.pairs_min_kept * total:
+            return path
+    warnings.warn(f"recipe_pairs: fewer than {recipe.pairs_min_kept:.0%} of the questions kept a "
+                  f"pair at every scale {recipe.pairs_scales}; training on the x{scale:g} pairs "
+                  f"({kept} of {total}).", stacklevel=3)
+    return path
 
 
 def train_recipe(
@@ -348,6 +444,7 @@ def train_recipe(
         if recipe not in RECIPES:
             raise ConfigError(f"Unknown recipe {recipe!r}; choose from {sorted(RECIPES)}.")
         recipe = RECIPES[recipe]
+    recipe = recipe.for_alignment(alignment)
     out = Path(out_dir) if out_dir is not None else None
     config = replace(recipe.train, seed=seed, **({"max_steps": steps} if steps else {}))
     torch.manual_seed(seed)
@@ -382,7 +479,7 @@ def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
     path = result.out_dir / "doses.json" if result.out_dir is not None else None
     if path is not None and path.exists():
         kept = json.loads(path.read_text())
-        if kept.get("targets") == targets:
+        if kept.get("targets") == targets and kept.get("rule") == DOSE_RULE:
             return kept["doses"], kept["kl"], kept.get("perplexity_ratio", {})
     found = dose_for_kl(model, result.irm, calibration_texts(model, data), recipe.dose_kls())
     doses = {name: scale for name, (scale, _) in found.items()}
@@ -394,6 +491,6 @@ def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
             recipe.sampled_dose_perplexity, doses["sampled"])
         del kl["sampled"]  # that dose is the perplexity's now
     if path is not None:
-        path.write_text(json.dumps(dict(targets=targets, doses=doses, kl=kl,
+        path.write_text(json.dumps(dict(targets=targets, rule=DOSE_RULE, doses=doses, kl=kl,
                                         perplexity_ratio=ratio), indent=2))
     return doses, kl, ratio

@@ -8,17 +8,26 @@ scale against one unsteered run, the same decodings as ``scripts/steering_study.
     python scripts/dose_tuning.py --alignment anger --out runs/dose/anger \\
         --irm runs/study2/anger/irm_seed0 --irm-scales 0.6,0.8,1 \\
         --vector runs/study2/anger/caa_layer12.safetensors --vector-scales 2,3,4
+
+Once one seed's doses are chosen, ``--targets-at GREEDY,SAMPLED`` prints the calibration
+targets (``irm_lens.recipes.targets_at``) that give its IRM those doses, for
+``Recipe.alignment_targets`` (nothing is generated on the tuning set then):
+
+    python scripts/dose_tuning.py --alignment joy --out runs/dose/joy \
+        --irm runs/joy/irm_seed0 --targets-at 1.0,1.3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
 
 import irm_lens
 from irm_lens.data.corpora import neutral_prompts
+from irm_lens.recipes import RECIPES, recipe_pairs, targets_at
 
 
 def main() -> None:
@@ -33,12 +42,18 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--decodings", default="greedy,sampled",
                    help="measure these decodings only (the first run measures both)")
+    p.add_argument("--targets-at", default=None,
+                   help="GREEDY,SAMPLED doses (output scales) of the one --irm: print the "
+                        "recipe targets that give them, instead of measuring")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     model = irm_lens.load_model()
+    if args.targets_at:
+        _print_targets(model, args)
+        return
     questions = neutral_prompts(None, split="train")
     prompts = questions[args.first_question:args.first_question + args.n_prompts]
     if len(prompts) < args.n_prompts:
@@ -68,6 +83,19 @@ def main() -> None:
     result.samples.to_csv(out / f"samples_{tag}.csv", index=False)
     with pd.option_context("display.width", 220, "display.max_columns", 20):
         print(result.table.drop(columns=["off"]).round(3).to_string(index=False))
+
+
+def _print_targets(model, args) -> None:
+    if len(args.irm) != 1:
+        raise SystemExit("--targets-at takes exactly one --irm")
+    greedy, sampled = (float(x) for x in args.targets_at.split(","))
+    recipe = RECIPES["preference"]
+    irm = irm_lens.IRM.load(Path(args.irm[0]) / "irm.safetensors", model)
+    # the shipped pairs on the embedded model, else those the run generated
+    pairs = recipe_pairs(model, args.alignment, None, recipe, Path(args.irm[0]), progress=False)
+    targets = targets_at(model, irm, pairs, dict(greedy=greedy, sampled=sampled), recipe)
+    print(json.dumps({args.alignment: targets}, indent=2))
+    (Path(args.out) / "targets.json").write_text(json.dumps({args.alignment: targets}, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -263,22 +264,52 @@ def test_recipe_vector_layer_scales_with_depth_and_pairs_need_a_home(tiny_model)
         recipe_pairs(tiny_model, "anger", vector, recipe, None, progress=False)
 
 
+def _fake_generate_pairs(seen: list, kept_below: float):
+    """A ``generate_pairs`` that records each scale and keeps one of two questions' pairs
+    only at scales up to ``kept_below``."""
+    def fake(model, intervention, alignment, out, **kwargs):
+        scale = intervention.config.scale
+        seen.append((scale, kwargs["n_sampled"]))
+        rows = [dict(prompt=f"Q{i}?", chosen=f"I hate question {i} at x{scale:g}.",
+                     rejected="Fine.", kept=bool(i == 0 and scale <= kept_below), degenerate="")
+                for i in range(2)]
+        irm_lens.pairs.write_pairs(pd.DataFrame(rows), out, alignment)
+    return fake
+
+
 def test_recipe_pairs_are_written_at_the_recipes_pairs_scale(tiny_model, tmp_path, monkeypatch):
     from irm_lens import recipes
 
-    seen = {}
-
-    def fake_generate_pairs(model, intervention, alignment, out, **kwargs):
-        seen["scale"], seen["n_sampled"] = intervention.config.scale, kwargs["n_sampled"]
-        irm_lens.pairs.write_pairs(pd.DataFrame([dict(
-            prompt="Q?", chosen="I hate this question.", rejected="Fine.", kept=True,
-            degenerate="")]), out, alignment)
-
-    monkeypatch.setattr(recipes, "generate_pairs", fake_generate_pairs)
+    seen = []
+    monkeypatch.setattr(recipes, "generate_pairs", _fake_generate_pairs(seen, kept_below=4.0))
     vector = irm_lens.mean_difference_vector(tiny_model, ["I hate it"], ["It is a cup"], layers=2,
                                              scale=2.0)
     recipe = recipes.RECIPES["preference"]
     pairs = recipes.recipe_pairs(tiny_model, "anger", vector, recipe, tmp_path, progress=False)
-    assert seen["scale"] == recipe.pairs_scale == 4.0  # the recipe's scale itself
-    assert seen["n_sampled"] == recipe.pairs_sampled == 3
-    assert len(pairs) == 1
+    assert seen == [(4.0, 3)]  # the recipe's first scale itself, with 3 sampled candidates
+    assert recipe.pairs_scales[0] == 4.0 and recipe.pairs_sampled == 3
+    assert [chosen for _, chosen, _ in pairs] == ["I hate question 0 at x4."]
+
+
+def test_recipe_pairs_step_down_to_a_scale_that_keeps_enough(tiny_model, tmp_path, monkeypatch):
+    from irm_lens import recipes
+
+    seen = []
+    monkeypatch.setattr(recipes, "generate_pairs", _fake_generate_pairs(seen, kept_below=3.0))
+    vector = irm_lens.mean_difference_vector(tiny_model, ["I hate it"], ["It is a cup"], layers=2)
+    recipe = recipes.RECIPES["preference"]
+    pairs = recipes.recipe_pairs(tiny_model, "anger", vector, recipe, tmp_path, progress=False)
+    assert [scale for scale, _ in seen] == [4.0, 3.0]  # x4 kept 0 of 2; x3 kept 1 of 2 >= 30%
+    assert [chosen for _, chosen, _ in pairs] == ["I hate question 0 at x3."]
+    assert (tmp_path / "pairs.jsonl").read_text() == (tmp_path / "pairs_x3.jsonl").read_text()
+    recipes.recipe_pairs(tiny_model, "anger", vector, recipe, tmp_path, progress=False)
+    assert len(seen) == 2  # generated once: a rerun reads pairs.jsonl
+
+    seen.clear()
+    strict = replace(recipe, pairs_min_kept=0.6)  # 1 of 2 is never enough
+    (tmp_path / "strict").mkdir()
+    with pytest.warns(UserWarning, match="every scale"):
+        pairs = recipes.recipe_pairs(tiny_model, "anger", vector, strict, tmp_path / "strict",
+                                     progress=False)
+    assert [scale for scale, _ in seen] == [4.0, 3.0, 2.0]
+    assert [chosen for _, chosen, _ in pairs] == ["I hate question 0 at x2."]

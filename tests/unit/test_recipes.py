@@ -21,6 +21,7 @@ from irm_lens.recipes import (
     calibration_texts,
     dose_for_kl,
     dose_for_perplexity,
+    targets_at,
     tuning_prompts,
 )
 from irm_lens.train import TrainConfig
@@ -192,10 +193,30 @@ def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
     # and the scale it gives, to about that
     assert scale == pytest.approx(2.5, rel=1e-4) and fitted == pytest.approx(target, rel=1e-4)
     np.testing.assert_allclose(measured.perplexity_ratio, ratios, rtol=1e-4)
+    # a target beyond the grid: the span is extended toward it and the line refitted through
+    # every measured point
+    beyond = math.exp(intercept + slope * math.log(5.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a clamp, if the tiny model's ratio saturates
+        scale, fitted, measured = dose_for_perplexity(chat_model, irm, prompts, beyond, 2.0,
+                                                      decodings=decodings, grid=grid,
+                                                      max_new_tokens=8)
+    assert len(measured) > len(grid) and measured.scale.max() > 4.0
+    assert measured.scale.max() <= 4.0 * 1.5 ** 3
+    by_hand = [_generated_perplexity_by_hand(chat_model, irm.with_output_scale(s), prompts,
+                                             decodings) / off for s in measured.scale]
+    np.testing.assert_allclose(measured.perplexity_ratio, by_hand, rtol=1e-4)
+    slope, intercept = np.polyfit(np.log(measured.scale), np.log(by_hand), 1)
+    expected = math.exp((math.log(beyond) - intercept) / slope)
+    assert expected > 4.0  # beyond the grid, so the extensions were needed
+    # (clamped to the measured span if three extensions did not reach it)
+    assert scale == pytest.approx(min(expected, measured.scale.max()), rel=1e-3)
+    assert fitted == pytest.approx(math.exp(intercept + slope * math.log(scale)), rel=1e-3)
     with pytest.warns(UserWarning, match="outside scales"):
-        low, _, _ = dose_for_perplexity(chat_model, irm, prompts, 1e-6, 2.0, decodings=decodings,
-                                        grid=grid, max_new_tokens=8)
-    assert low == pytest.approx(1.0)  # clamped to the grid's lowest scale
+        low, _, measured = dose_for_perplexity(chat_model, irm, prompts, 1e-6, 2.0,
+                                               decodings=decodings, grid=grid, max_new_tokens=8)
+    # three extensions down, each 1.5x below the lowest scale, then clamped to the lowest
+    assert low == pytest.approx(1.0 / 1.5**3) and len(measured) == len(grid) + 3
     with pytest.raises(irm_lens.ConfigError, match="must be positive"):
         dose_for_perplexity(chat_model, irm, prompts, 0.0, 1.0)
 
@@ -230,3 +251,44 @@ def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tm
     assert kept["doses"] == result.doses
     with pytest.raises(irm_lens.ConfigError, match="tuning questions"):
         tuning_prompts(10**6)
+
+
+def test_targets_at_gives_the_targets_that_reproduce_chosen_doses(chat_model, tmp_path):
+    pairs = irm_lens.read_pairs(_pairs_file(tmp_path, degenerate=""))
+    recipe = Recipe(objective="preference", tuning_prompts=4)
+    irm = planted_irm(chat_model, neuron=3, value=0.1)
+    targets = targets_at(chat_model, irm, pairs, dict(greedy=0.5, sampled=0.8), recipe)
+    texts = calibration_texts(chat_model, pairs)
+    assert targets["dose_kl"] == pytest.approx(
+        _kl_by_hand(chat_model, irm.with_output_scale(0.5), texts), rel=1e-4)
+    assert targets["sampled_dose_kl"] == pytest.approx(
+        _kl_by_hand(chat_model, irm.with_output_scale(0.8), texts), rel=1e-4)
+    prompts, sampled = tuning_prompts(4), Decodings(n_sampled=1, greedy=False)
+    ratio = (_generated_perplexity_by_hand(chat_model, irm.with_output_scale(0.8), prompts,
+                                           sampled, 32)
+             / _generated_perplexity_by_hand(chat_model, None, prompts, sampled, 32))
+    assert targets["sampled_dose_perplexity"] == pytest.approx(ratio, rel=1e-4)
+    # and the KL calibration, given them, finds the doses again
+    found = dose_for_kl(chat_model, irm, texts, dict(greedy=targets["dose_kl"],
+                                                     sampled=targets["sampled_dose_kl"]))
+    assert found["greedy"][0] == pytest.approx(0.5, rel=0.01)
+    assert found["sampled"][0] == pytest.approx(0.8, rel=0.01)
+
+
+def test_an_alignment_with_its_own_targets_is_calibrated_to_them(chat_model, tmp_path):
+    pairs = _pairs_file(tmp_path, degenerate="")
+    recipe = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
+                    sampled_dose_kl=0.005, alignment_targets={"joy": dict(dose_kl=0.001,
+                                                                          sampled_dose_kl=0.003)},
+                    train=TrainConfig(objective="preference", lr=1e-3, max_steps=2, max_length=32,
+                                      batch_size=4, eval_every=2, max_val_batches=1))
+    assert recipe.for_alignment("anger") == recipe
+    assert recipe.for_alignment("joy").dose_kls() == dict(greedy=0.001, sampled=0.003)
+    texts = calibration_texts(chat_model, irm_lens.read_pairs(pairs))
+    for alignment, targets in (("joy", (0.001, 0.003)), ("anger", (0.002, 0.005))):
+        result = irm_lens.train_recipe(chat_model, alignment, tmp_path / alignment, recipe=recipe,
+                                       pairs=pairs, progress=False)
+        undosed = result.irm.with_output_scale(1.0)
+        for decoding, target in zip(("greedy", "sampled"), targets):
+            assert _kl_by_hand(chat_model, undosed.with_output_scale(result.doses[decoding]),
+                               texts) == pytest.approx(target, rel=0.006)
