@@ -11,10 +11,11 @@ scale against one unsteered run, the same decodings as ``scripts/steering_study.
 
 Once one seed's doses are chosen, ``--targets-at GREEDY,SAMPLED`` prints the calibration
 targets (``irm_lens.recipes.targets_at``) that give its IRM those doses, for
-``Recipe.alignment_targets`` (nothing is generated on the tuning set then):
+``Recipe.alignment_targets`` (instead of a dose table: the KLs on the calibration texts, and one
+sampled generation of the first 40 tuning questions unsteered and at the sampled dose):
 
-    python scripts/dose_tuning.py --alignment joy --out runs/dose/joy \
-        --irm runs/joy/irm_seed0 --targets-at 1.0,1.3
+    python scripts/dose_tuning.py --alignment joy --out runs/dose/joy \\
+        --irm runs/study5/joy/irm_seed0 --targets-at 1.05,1.2
 """
 
 from __future__ import annotations
