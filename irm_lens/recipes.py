@@ -253,12 +253,23 @@ def targets_at(model: HookedTransformer, irm: IRM, pairs: list[PreferencePair],
     from one seed whose doses were chosen on the tuning questions (``Recipe.alignment_targets``).
     """
     kl_at, _ = _kl_meter(model, irm, calibration_texts(model, pairs))
-    tuning, one_sample = tuning_prompts(recipe.tuning_prompts), Decodings(n_sampled=1, greedy=False)
-    ratio = (generated_perplexity(model, irm.with_output_scale(doses["sampled"]), tuning,
-                                  one_sample, max_new_tokens=32)
-             / generated_perplexity(model, None, tuning, one_sample, max_new_tokens=32))
+    ratio_at = _perplexity_meter(model, irm, tuning_prompts(recipe.tuning_prompts),
+                                 Decodings(n_sampled=1, greedy=False), max_new_tokens=32)
     return dict(dose_kl=kl_at(doses["greedy"]), sampled_dose_kl=kl_at(doses["sampled"]),
-                sampled_dose_perplexity=ratio)
+                sampled_dose_perplexity=ratio_at(doses["sampled"]))
+
+
+def _perplexity_meter(model: HookedTransformer, irm: IRM, prompts: list[str],
+                      decodings: Decodings, max_new_tokens: int):
+    """A function of the output scale: the perplexity ratio (steered / unsteered, under the
+    unsteered model) of the replies to ``prompts`` (the unsteered replies generated once)."""
+    off = generated_perplexity(model, None, prompts, decodings, max_new_tokens=max_new_tokens)
+
+    def ratio_at(scale: float) -> float:
+        return generated_perplexity(model, irm.with_output_scale(scale), prompts, decodings,
+                                    max_new_tokens=max_new_tokens) / off
+
+    return ratio_at
 
 
 @torch.no_grad()
@@ -285,13 +296,7 @@ def dose_for_perplexity(
     if not target > 0 or not near > 0:
         raise ConfigError(f"The target perplexity ratio and the scale near it must be positive; "
                           f"got {target!r} and {near!r}.")
-    kwargs = dict(max_new_tokens=max_new_tokens)
-    off = generated_perplexity(model, None, prompts, decodings, **kwargs)
-
-    def ratio_at(scale: float) -> float:
-        return generated_perplexity(model, irm.with_output_scale(scale), prompts, decodings,
-                                    **kwargs) / off
-
+    ratio_at = _perplexity_meter(model, irm, prompts, decodings, max_new_tokens)
     ratios = {near * g: ratio_at(near * g) for g in grid}
     for extended in range(extend + 1):
         scale, line = _log_line_crossing(ratios, target)
