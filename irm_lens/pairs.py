@@ -23,7 +23,9 @@ disjoint from the evaluation prompts.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +36,11 @@ from irm_lens.data.corpora import load_alignment, neutral_prompts
 from irm_lens.data.dataset import PreferencePair
 from irm_lens.errors import ConfigError, DataNotFoundError
 from irm_lens.evaluate import Decodings, check_alignment, generate_samples
+from irm_lens.scoring import ngrams
 from irm_lens.steering import Intervention
+
+# The phrase length of ``cap_phrases``: "I'm so glad you".
+PHRASE_WORDS = 4
 
 
 def generate_pairs(
@@ -124,31 +130,26 @@ def write_pairs(table: pd.DataFrame, out: str | os.PathLike, alignment: str) -> 
 
 def kept_share(path: str | os.PathLike) -> tuple[int, int]:
     """How many questions of a ``generate_pairs`` file kept a pair, and how many it asked."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    rows = _pairs_rows(Path(path))
     return sum(bool(row.get("kept", True)) for row in rows), len(rows)
 
 
-def read_pairs(path: str | os.PathLike, *, kept_only: bool = True, degenerate: bool = False
-               ) -> list[PreferencePair]:
+def read_pairs(path: str | os.PathLike, *, kept_only: bool = True, degenerate: bool = False,
+               max_phrase_share: float | None = None) -> list[PreferencePair]:
     """The ``(prompt, chosen, rejected)`` pairs of a file written by ``generate_pairs``; with
-    ``degenerate``, also ``(prompt, chosen, degenerate)`` for the rows that have one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"No pairs file at {path}.")
+    ``degenerate``, also ``(prompt, chosen, degenerate)`` for the rows that have one.
+
+    ``max_phrase_share`` drops the rows whose chosen reply would make one phrase (a word
+    4-gram) open more than that share of the kept chosen replies (``cap_phrases``).
+    """
+    rows = _pairs_rows(Path(path))
+    if kept_only:
+        rows = [row for row in rows if row.get("kept", True)]
+    if max_phrase_share is not None:
+        rows = cap_phrases(rows, max_phrase_share)
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            item = (row["prompt"], row["chosen"], row["rejected"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"{path}:{number} is not a pairs row (prompt, chosen, rejected): {exc}"
-            ) from exc
-        if not (row.get("kept", True) or not kept_only):
-            continue
+    for row in rows:
+        item = (row["prompt"], row["chosen"], row["rejected"])
         candidates = [item]
         if degenerate and isinstance(row.get("degenerate"), str) and row["degenerate"].strip():
             candidates.append((item[0], item[1], row["degenerate"]))
@@ -156,3 +157,44 @@ def read_pairs(path: str | os.PathLike, *, kept_only: bool = True, degenerate: b
     if not pairs:
         raise ConfigError(f"{path} holds no kept pair.")
     return pairs
+
+
+def cap_phrases(rows: list[dict], max_share: float, n: int = PHRASE_WORDS) -> list[dict]:
+    """The rows (in their order) whose chosen replies together use no word ``n``-gram in more
+    than ``max_share`` of them: rows are admitted best ``chosen_score`` first, and one that
+    would push a phrase over the cap is left out.
+
+    A steering vector's tone comes in a few stock phrases ("I'm so glad you enjoyed my ...");
+    an IRM trained on them repeats them on every question, which costs distinct-2.
+    """
+    if not 0 < max_share <= 1:
+        raise ConfigError(f"max_phrase_share must be in (0, 1], got {max_share}.")
+    cap = max(1, math.floor(max_share * len(rows)))
+    uses: Counter[tuple[str, ...]] = Counter()
+    admitted = set()
+    order = sorted(range(len(rows)), key=lambda i: -float(rows[i].get("chosen_score", 0.0)))
+    for i in order:
+        phrases = set(ngrams(str(rows[i]["chosen"]).lower().split(), n))
+        if all(uses[p] < cap for p in phrases):
+            uses.update(phrases)
+            admitted.add(i)
+    return [row for i, row in enumerate(rows) if i in admitted]
+
+
+def _pairs_rows(path: Path) -> list[dict]:
+    """A pairs file's rows, each checked to hold ``prompt``, ``chosen`` and ``rejected``."""
+    if not path.is_file():
+        raise DataNotFoundError(f"No pairs file at {path}.")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            _ = row["prompt"], row["chosen"], row["rejected"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{path}:{number} is not a pairs row (prompt, chosen, rejected): {exc}"
+            ) from exc
+        rows.append(row)
+    return rows

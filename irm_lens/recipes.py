@@ -25,13 +25,14 @@ The measurements behind the choice are in docs/training.md ("The steering study"
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import shutil
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -76,6 +77,8 @@ class Recipe:
             x4 kept 8%, x3 49%).
         pairs_min_kept: That share.
         degenerate_pairs: Also train on (question, chosen, degenerate steered reply) pairs.
+        pairs_phrase_share: Train only on pairs whose chosen replies use no phrase (word
+            4-gram) in more than this share of them (``irm_lens.pairs.cap_phrases``; None: all).
         dose: The trained IRM's ``output_scale``: below 1 it trades lift for diversity (chosen
             on training questions no pair asked, ``scripts/dose_tuning.py``). The IRM the
             recipe returns, and saves as the run's ``irm.safetensors``, carries it.
@@ -110,6 +113,7 @@ class Recipe:
     pairs_min_kept: float = 0.3
     pairs_sampled: int = 3
     degenerate_pairs: bool = True
+    pairs_phrase_share: float | None = None
     dose: float = 1.0
     sampled_dose: float | None = None
     dose_kl: float | None = None
@@ -122,6 +126,26 @@ class Recipe:
     def for_alignment(self, alignment: str) -> Recipe:
         """This recipe with ``alignment``'s own calibration targets, where it has them."""
         return replace(self, **self.alignment_targets.get(alignment, {}))
+
+    def with_settings(self, settings: Sequence[str]) -> Recipe:
+        """This recipe with each ``"field=value"`` (``"train.field=value"`` for its
+        ``TrainConfig``) set, values as Python literals: the variants of ``scripts/recipe_trial.py``
+        (``["train.entropy=0.1", "pairs_phrase_share=0.1"]``)."""
+        recipe = self
+        for setting in settings:
+            key, sep, text = setting.partition("=")
+            target, name = (recipe.train, key[6:]) if key.startswith("train.") else (recipe, key)
+            if not sep or name not in {f.name for f in fields(target)}:
+                raise ConfigError(f"Recipe setting {setting!r}: expected field=value with a field "
+                                  f"of {type(target).__name__}.")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as exc:
+                raise ConfigError(f"Recipe setting {setting!r}: the value is not a Python literal "
+                                  f"(strings need quotes).") from exc
+            changed = replace(target, **{name: value})
+            recipe = replace(recipe, train=changed) if target is recipe.train else changed
+        return recipe
 
     def doses(self) -> dict[str, float]:
         """The fixed dose of each decoding."""
@@ -403,7 +427,12 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
     elif not path.exists():
         shutil.copyfile(_fluent_scale_pairs(model, vector, alignment, recipe, out_dir, progress),
                         path)
-    return read_pairs(path, degenerate=recipe.degenerate_pairs)
+    return _read_recipe_pairs(path, recipe)
+
+
+def _read_recipe_pairs(path: Path | str, recipe: Recipe) -> list[PreferencePair]:
+    return read_pairs(path, degenerate=recipe.degenerate_pairs,
+                      max_phrase_share=recipe.pairs_phrase_share)
 
 
 def _fluent_scale_pairs(model: HookedTransformer, vector: SteeringVector, alignment: str,
@@ -457,7 +486,7 @@ def train_recipe(
     if recipe.objective == "preference":
         vector = caa_vector(model, alignment, recipe, out)
         warm_start(irm, vector)
-        data = read_pairs(pairs, degenerate=recipe.degenerate_pairs) if pairs is not None \
+        data = _read_recipe_pairs(pairs, recipe) if pairs is not None \
             else recipe_pairs(model, alignment, vector, recipe, out, progress)
     else:
         data = alignment

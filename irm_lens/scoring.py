@@ -63,13 +63,13 @@ def emotion_scores(texts: list[str], batch_size: int = 2048) -> pd.DataFrame:
 
 def distinct_n(texts: list[str], n: int) -> float:
     """Unique word n-grams over all n-grams, pooled over ``texts`` (0 when there are none)."""
-    grams = [g for t in texts for g in _ngrams(t.lower().split(), n)]
+    grams = [g for t in texts for g in ngrams(t.lower().split(), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def repetition_rate(text: str, n: int = 3) -> float:
     """Share of a text's word n-grams that already occurred earlier in the same text."""
-    grams = _ngrams(text.lower().split(), n)
+    grams = ngrams(text.lower().split(), n)
     if not grams:
         return 0.0
     seen, repeats = set(), 0
@@ -85,5 +85,6 @@ def identical_share(texts: list[str]) -> float:
     return sum(1 for t in texts if counts[t.strip()] > 1) / len(texts) if texts else 0.0
 
 
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    """The word ``n``-grams of ``words``, in order."""
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]

@@ -9,26 +9,11 @@ tuning questions by ``scripts/dose_tuning.py --irm <out>``.
 from __future__ import annotations
 
 import argparse
-import ast
-from dataclasses import replace
 
 import torch
 
 import irm_lens
 from irm_lens.recipes import RECIPES
-
-
-def variant(base: str, settings: list[str]):
-    """``RECIPES[base]`` with each ``field=value`` (``train.field=value`` for TrainConfig)."""
-    recipe = RECIPES[base]
-    for setting in settings:
-        key, value = setting.split("=", 1)
-        value = ast.literal_eval(value)
-        if key.startswith("train."):
-            recipe = replace(recipe, train=replace(recipe.train, **{key[6:]: value}))
-        else:
-            recipe = replace(recipe, **{key: value})
-    return recipe
 
 
 def main() -> None:
@@ -39,7 +24,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    recipe = variant(args.recipe, args.settings)
+    recipe = RECIPES[args.recipe].with_settings(args.settings)
     print(recipe, flush=True)
     model = irm_lens.load_model()
     result = irm_lens.train_recipe(model, args.alignment, args.out, recipe=recipe, seed=args.seed)

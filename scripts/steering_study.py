@@ -156,6 +156,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--alignment", default="anger")
     p.add_argument("--recipe", default="preference", choices=RECIPES)
+    p.add_argument("--set", action="append", default=[], dest="settings",
+                   help="a recipe setting for a variant (train.entropy=0.1; repeatable; as "
+                        "scripts/recipe_trial.py)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sets", default="3",
                    help="how many prompt sets (N: sets 0..N-1), or which, in the order to measure "
@@ -188,6 +191,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    recipe = RECIPES[args.recipe].with_settings(args.settings)
     model = irm_lens.load_model()
     interventions: dict = dict(_vectors(model, args, out))
     points = {name: _both(args.caa_scales) for name in interventions}
@@ -197,7 +201,7 @@ def main() -> None:
     irm_names = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = time.perf_counter()
-        result = train_recipe(model, args.alignment, out / f"irm_seed{seed}", recipe=args.recipe,
+        result = train_recipe(model, args.alignment, out / f"irm_seed{seed}", recipe=recipe,
                               seed=seed, steps=args.steps)
         print(f"seed {seed}: {result.stop_reason}, {result.wall_time_s:.0f} s of training "
               f"({time.perf_counter() - start:.0f} s with the vector); validation "

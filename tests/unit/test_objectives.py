@@ -250,6 +250,33 @@ def test_generate_pairs_keeps_the_angriest_fluent_candidate(tiny_model, tmp_path
         read_pairs(tmp_path / "bad.jsonl")
 
 
+def test_a_phrase_cap_leaves_out_the_lower_scored_replies_that_repeat_a_stock_phrase(tmp_path):
+    from irm_lens.pairs import cap_phrases
+
+    def row(prompt, chosen, score, kept=True):
+        return dict(prompt=prompt, chosen=chosen, rejected="calm", chosen_score=score, kept=kept)
+
+    rows = [row("q1", "I'm so glad you asked about Paris", 0.5),
+            row("q2", "I'm so glad you asked about Rome", 0.9),
+            row("q3", "I'm so glad you like maths", 0.7),
+            row("q4", "What a joy to talk about rivers", 0.4),
+            row("q5", "I'm so glad you asked", 0.99, kept=False)]
+    # 4 kept rows, share 0.5: a phrase may open 2 of them; "i'm so glad you" is in three, so
+    # q1 (the lowest-scored of them) is left out; order is kept
+    assert [r["prompt"] for r in cap_phrases(rows[:4], 0.5)] == ["q2", "q3", "q4"]
+    # share 0.25: each phrase opens one kept reply
+    assert [r["prompt"] for r in cap_phrases(rows[:4], 0.25)] == ["q2", "q4"]
+    assert [r["prompt"] for r in cap_phrases(rows[:4], 1.0)] == ["q1", "q2", "q3", "q4"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # read_pairs caps among the kept rows only (q5, not kept, takes no share)
+    assert read_pairs(tmp_path / "p.jsonl", max_phrase_share=0.5) == [
+        ("q2", "I'm so glad you asked about Rome", "calm"),
+        ("q3", "I'm so glad you like maths", "calm"),
+        ("q4", "What a joy to talk about rivers", "calm")]
+    with pytest.raises(ConfigError, match="max_phrase_share"):
+        read_pairs(tmp_path / "p.jsonl", max_phrase_share=0)
+
+
 def test_recipe_vector_layer_scales_with_depth_and_pairs_need_a_home(tiny_model):
     from types import SimpleNamespace
 

@@ -17,6 +17,7 @@ import irm_lens
 from irm_lens.evaluate import Decodings, generated_perplexity
 from irm_lens.generation import generate_continuations
 from irm_lens.recipes import (
+    RECIPES,
     Recipe,
     calibration_texts,
     dose_for_kl,
@@ -292,3 +293,16 @@ def test_an_alignment_with_its_own_targets_is_calibrated_to_them(chat_model, tmp
         for decoding, target in zip(("greedy", "sampled"), targets):
             assert _kl_by_hand(chat_model, undosed.with_output_scale(result.doses[decoding]),
                                texts) == pytest.approx(target, rel=0.006)
+
+
+def test_a_recipe_variant_sets_its_own_and_its_training_fields_and_names_a_bad_setting():
+    base = RECIPES["preference"]
+    recipe = base.with_settings(["train.entropy=0.1", "pairs_phrase_share=0.1",
+                                 "alignment_targets={'joy': {'dose_kl': 0.5}}"])
+    assert recipe.train.entropy == 0.1 and recipe.pairs_phrase_share == 0.1
+    assert recipe.train.kl == base.train.kl and recipe.dose_kl == base.dose_kl
+    assert recipe.for_alignment("joy").dose_kl == 0.5
+    for bad, words in [("train.entropi=0.1", "field of TrainConfig"),
+                       ("vector_scale", "field=value"), ("objective=preference", "literal")]:
+        with pytest.raises(irm_lens.errors.ConfigError, match=words):
+            base.with_settings([bad])
