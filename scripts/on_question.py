@@ -21,14 +21,17 @@ QUESTION_WORDS = frozenset(
 )
 
 
-def content_words(question: str) -> set[str]:
+def question_terms(question: str) -> set[str]:
+    """The question's words of 5+ letters that are not question words (unlike
+    ``irm_lens.data.corpora.content_words``, unfolded: they are looked up in the reply as
+    substrings, so "flights" is found in "flights" only and "flight" in both)."""
     return {w.lower() for w in re.findall(r"[A-Za-z']+", question)
             if len(w) >= 5 and w.lower() not in QUESTION_WORDS}
 
 
 def on_question(question: str, reply: str) -> float:
     """The share of the question's content words found in the reply (nan: none to find)."""
-    words = content_words(question)
+    words = question_terms(question)
     if not words:
         return float("nan")
     text = reply.lower()
