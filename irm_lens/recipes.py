@@ -57,6 +57,10 @@ FIRST_TUNING_QUESTION = 940
 # The calibration's version, kept in a run's doses.json: doses found by an earlier rule are
 # found again (2: the perplexity fit extends its span toward the target).
 DOSE_RULE = 2
+# How the sampled dose's perplexity ratio is measured on the tuning questions: one seeded
+# sample of 32 new tokens per question (``dose_for_perplexity``'s defaults; ``targets_at``).
+TUNING_DECODINGS = Decodings(n_sampled=1, greedy=False)
+TUNING_NEW_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -278,7 +282,7 @@ def targets_at(model: HookedTransformer, irm: IRM, pairs: list[PreferencePair],
     """
     kl_at, _ = _kl_meter(model, irm, calibration_texts(model, pairs))
     ratio_at = _perplexity_meter(model, irm, tuning_prompts(recipe.tuning_prompts),
-                                 Decodings(n_sampled=1, greedy=False), max_new_tokens=32)
+                                 TUNING_DECODINGS, TUNING_NEW_TOKENS)
     return dict(dose_kl=kl_at(doses["greedy"]), sampled_dose_kl=kl_at(doses["sampled"]),
                 sampled_dose_perplexity=ratio_at(doses["sampled"]))
 
@@ -299,8 +303,8 @@ def _perplexity_meter(model: HookedTransformer, irm: IRM, prompts: list[str],
 @torch.no_grad()
 def dose_for_perplexity(
     model: HookedTransformer, irm: IRM, prompts: list[str], target: float, near: float, *,
-    decodings: Decodings = Decodings(n_sampled=1, greedy=False),
-    grid: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2), max_new_tokens: int = 32,
+    decodings: Decodings = TUNING_DECODINGS,
+    grid: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2), max_new_tokens: int = TUNING_NEW_TOKENS,
     extend: int = 3, step: float = 1.5,
 ) -> tuple[float, float, pd.DataFrame]:
     """The output scale at which the model steered by ``irm`` answers ``prompts`` (in

@@ -43,6 +43,10 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--decodings", default="greedy,sampled",
                    help="measure these decodings only (the first run measures both)")
+    p.add_argument("--set", action="append", default=[], dest="settings",
+                   help="with --targets-at: a setting of the recipe variant the IRM was trained "
+                        "with (pairs_phrase_share=0.1; as scripts/recipe_trial.py), whose pairs "
+                        "give the calibration texts")
     p.add_argument("--targets-at", default=None,
                    help="GREEDY,SAMPLED doses (output scales) of the one --irm: print the "
                         "recipe targets that give them, instead of measuring")
@@ -90,13 +94,14 @@ def _print_targets(model, args) -> None:
     if len(args.irm) != 1:
         raise SystemExit("--targets-at takes exactly one --irm")
     greedy, sampled = (float(x) for x in args.targets_at.split(","))
-    recipe = RECIPES["preference"]
+    recipe = RECIPES["preference"].with_settings(args.settings)
     irm = irm_lens.IRM.load(Path(args.irm[0]) / "irm.safetensors", model)
     # the shipped pairs on the embedded model, else those the run generated
     pairs = recipe_pairs(model, args.alignment, None, recipe, Path(args.irm[0]), progress=False)
     targets = targets_at(model, irm, pairs, dict(greedy=greedy, sampled=sampled), recipe)
-    print(json.dumps({args.alignment: targets}, indent=2))
-    (Path(args.out) / "targets.json").write_text(json.dumps({args.alignment: targets}, indent=2))
+    text = json.dumps({args.alignment: targets}, indent=2)
+    print(text)
+    (Path(args.out) / "targets.json").write_text(text)
 
 
 if __name__ == "__main__":
