@@ -11,7 +11,8 @@
   make its sampled replies to 40 tuning questions 3.47 times as perplexing to the unsteered
   model as the unsteered replies (``RecipeResult.doses``). For anger's seed 0 that is 0.75 and
   0.9; weaker seeds get more. Sadness and joy have targets of their own, set the same way
-  (``Recipe.alignment_targets``).
+  (``Recipe.alignment_targets``), and joy a warm start at CAA x3 and an entropy term
+  (``Recipe.alignment_settings``).
   The pairs are generated once (``generate_pairs``, at the first of ``pairs_scales`` at which
   enough of the vector's replies stay fluent to keep a pair) and reused; the
   embedded model's ``anger``, ``sadness`` and ``joy`` pairs ship with the package
@@ -105,6 +106,8 @@ class Recipe:
             (``dose_kl``, ``sampled_dose_kl``, ``sampled_dose_perplexity``): each set from one
             seed whose doses were chosen on the tuning questions (``targets_at``). Alignments
             not named use the recipe's own, chosen for anger.
+        alignment_settings: Per alignment, ``with_settings`` strings applied before its
+            targets: the training one alignment's measurements chose for it.
         train: The optimisation settings (``max_steps`` is the recipe's length).
     """
 
@@ -125,11 +128,19 @@ class Recipe:
     sampled_dose_perplexity: float | None = None
     tuning_prompts: int = 40
     alignment_targets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    alignment_settings: Mapping[str, Sequence[str]] = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
 
+    def __post_init__(self) -> None:
+        if not self.pairs_scales or any(scale <= 0 for scale in self.pairs_scales):
+            raise ConfigError(f"Recipe.pairs_scales must name at least one positive scale to "
+                              f"write the pairs at; got {self.pairs_scales!r}.")
+
     def for_alignment(self, alignment: str) -> Recipe:
-        """This recipe with ``alignment``'s own calibration targets, where it has them."""
-        return replace(self, **self.alignment_targets.get(alignment, {}))
+        """This recipe with ``alignment``'s own settings and calibration targets, where it has
+        them."""
+        recipe = self.with_settings(self.alignment_settings.get(alignment, ()))
+        return replace(recipe, **self.alignment_targets.get(alignment, {}))
 
     def with_settings(self, settings: Sequence[str]) -> Recipe:
         """This recipe with each ``"field=value"`` (``"train.field=value"`` for its
@@ -207,8 +218,13 @@ RECIPES: dict[str, Recipe] = {
         # joy: doses of their own"; scripts/dose_tuning.py --targets-at)
         alignment_targets={
             "sadness": dict(dose_kl=0.737, sampled_dose_kl=0.737, sampled_dose_perplexity=2.61),
-            "joy": dict(dose_kl=0.663, sampled_dose_kl=0.833, sampled_dose_perplexity=2.40),
+            # joy: its own training's (below), chosen the same way ("A sixth trial")
+            "joy": dict(dose_kl=0.573, sampled_dose_kl=0.724, sampled_dose_perplexity=2.31),
         },
+        # joy: the warm start at CAA x3 and the entropy term, which together lifted joy's
+        # sampled replies without their repeating one phrase (docs/training.md, "A sixth
+        # trial"); 3 of 4 cells on a fresh set where the shared training got 1
+        alignment_settings={"joy": ("vector_scale=3.0", "train.entropy=0.1")},
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,
                           max_val_batches=4, checkpoint_every=15),

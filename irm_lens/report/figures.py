@@ -168,12 +168,13 @@ def dose_response_figure(comparison: SteeringComparison) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(decodings), shared_yaxes=True,
                         subplot_titles=[_label(d) for d in decodings])
     colours = dict(zip(dict.fromkeys(table.intervention), _PALETTE * 4))
+    in_legend: set[str] = set()  # each name once, in the first panel that has it
     for col, decoding in enumerate(decodings, start=1):
         for name, rows in table[table.decoding == decoding].groupby("intervention", sort=False):
             rows = rows.sort_values("scale")
             fig.add_trace(go.Scatter(
                 x=rows.perplexity_ratio, y=rows.lift, mode="lines+markers", name=_label(name),
-                legendgroup=_label(name), showlegend=col == 1,
+                legendgroup=_label(name), showlegend=name not in in_legend,
                 line=dict(color=colours[name]),
                 marker=dict(size=9, symbol=["circle" if f else "circle-open" for f in rows.fluent]),
                 error_y=dict(type="data", symmetric=False, array=rows.ci_high - rows.lift,
@@ -181,6 +182,7 @@ def dose_response_figure(comparison: SteeringComparison) -> go.Figure:
                 text=[f"scale {s:g}" for s in rows.scale],
                 hovertemplate="%{text}: lift %{y:+.3f}, perplexity x%{x:.2f}<extra></extra>",
             ), row=1, col=col)
+            in_legend.add(name)
         fig.add_vline(x=comparison.thresholds.max_perplexity_ratio, line_dash="dash",
                       line_color="grey", row=1, col=col)
         fig.add_hline(y=0, line_color="lightgrey", row=1, col=col)

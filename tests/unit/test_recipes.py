@@ -276,19 +276,25 @@ def test_targets_at_gives_the_targets_that_reproduce_chosen_doses(chat_model, tm
     assert found["sampled"][0] == pytest.approx(0.8, rel=0.01)
 
 
-def test_an_alignment_with_its_own_targets_is_calibrated_to_them(chat_model, tmp_path):
+def test_an_alignment_with_its_own_settings_and_targets_is_trained_and_calibrated_by_them(
+        chat_model, tmp_path):
     pairs = _pairs_file(tmp_path, degenerate="")
     recipe = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
                     sampled_dose_kl=0.005, alignment_targets={"joy": dict(dose_kl=0.001,
                                                                           sampled_dose_kl=0.003)},
+                    alignment_settings={"joy": ("vector_scale=0.05", "dose_kl=0.7")},
                     train=TrainConfig(objective="preference", lr=1e-3, max_steps=2, max_length=32,
                                       batch_size=4, eval_every=2, max_val_batches=1))
     assert recipe.for_alignment("anger") == recipe
+    # the settings first, then the targets (which win where both name a field)
     assert recipe.for_alignment("joy").dose_kls() == dict(greedy=0.001, sampled=0.003)
+    assert recipe.for_alignment("joy").vector_scale == 0.05
     texts = calibration_texts(chat_model, irm_lens.read_pairs(pairs))
     for alignment, targets in (("joy", (0.001, 0.003)), ("anger", (0.002, 0.005))):
         result = irm_lens.train_recipe(chat_model, alignment, tmp_path / alignment, recipe=recipe,
                                        pairs=pairs, progress=False)
+        warm_start = irm_lens.SteeringVector.load(tmp_path / alignment / "caa.safetensors")
+        assert warm_start.config.scale == {"joy": 0.05, "anger": 0.1}[alignment]
         undosed = result.irm.with_output_scale(1.0)
         for decoding, target in zip(("greedy", "sampled"), targets):
             assert _kl_by_hand(chat_model, undosed.with_output_scale(result.doses[decoding]),
@@ -306,3 +312,9 @@ def test_a_recipe_variant_sets_its_own_and_its_training_fields_and_names_a_bad_s
                        ("vector_scale", "field=value"), ("objective=preference", "literal")]:
         with pytest.raises(irm_lens.errors.ConfigError, match=words):
             base.with_settings([bad])
+    bad_joy = dataclasses.replace(base, alignment_settings={"joy": ("vector_scal=3.0",)})
+    with pytest.raises(irm_lens.errors.ConfigError, match="vector_scal=3.0"):
+        bad_joy.for_alignment("joy")
+    for scales in ["()", "(4.0, 0.0)"]:  # no scale to write the pairs at, or a null one
+        with pytest.raises(irm_lens.errors.ConfigError, match="pairs_scales"):
+            base.with_settings([f"pairs_scales={scales}"])

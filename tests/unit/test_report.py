@@ -167,3 +167,21 @@ def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="not installed"):
         chromium_driver()
+
+
+def test_the_dose_response_legend_names_each_intervention_once_whichever_panel_has_it():
+    """An intervention measured in the second decoding only (a sampled-only trial) still gets
+    its legend entry; one measured in both gets one entry, not two."""
+    from irm_lens.compare import SteeringComparison
+    from irm_lens.evaluate import DegenerationThresholds
+    from irm_lens.report.figures import dose_response_figure
+
+    rows = [("irm", 1.0, "greedy"), ("irm", 1.0, "sampled"), ("caa", 2.0, "sampled"),
+            ("caa", 3.0, "sampled")]
+    table = pd.DataFrame(rows, columns=["intervention", "scale", "decoding"]).assign(
+        lift=0.1, ci_low=0.05, ci_high=0.15, perplexity_ratio=2.0, fluent=True)
+    figure = dose_response_figure(SteeringComparison("joy", table, pd.DataFrame(), (),
+                                                     DegenerationThresholds()))
+    shown = [trace.name for trace in figure.data if trace.showlegend]
+    assert sorted(shown) == ["caa", "irm"]
+    assert [len(trace.x) for trace in figure.data] == [1, 1, 2]
