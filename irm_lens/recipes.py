@@ -223,7 +223,8 @@ RECIPES: dict[str, Recipe] = {
         },
         # joy: the warm start at CAA x3 and the entropy term, which together lifted joy's
         # sampled replies without their repeating one phrase (docs/training.md, "A sixth
-        # trial"); 3 of 4 cells on a fresh set where the shared training got 1
+        # trial"); 3 of 4 cells on a fresh set where the shared training got 1, 6 of 12 on
+        # three sets against 5
         alignment_settings={"joy": ("vector_scale=3.0", "train.entropy=0.1")},
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,

@@ -59,7 +59,7 @@ def main() -> None:
     table = read_points(args.csvs, scales, _pairs(args.label, "--label"))
     if args.max_perplexity_ratio is not None:
         far = table.perplexity_ratio > args.max_perplexity_ratio
-        print(f"left out {int(far.sum())} points past perplexity ratio {args.max_perplexity_ratio:g}")
+        print(f"left out {int(far.sum())} points past ratio {args.max_perplexity_ratio:g}")
         table = table[~far]
     comparison = SteeringComparison(args.alignment, table, pd.DataFrame(), (),
                                     DegenerationThresholds())
@@ -86,9 +86,11 @@ def _screenshot(html: str, png: Path) -> None:
         page = Path(tmp) / "figure.html"
         page.write_text(html, encoding="utf-8")
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
-                        "--window-size=1200,470", "--hide-scrollbars", "--virtual-time-budget=10000",
+                        "--window-size=1200,470", "--hide-scrollbars",
+                        "--virtual-time-budget=10000",
                         f"--screenshot={png.resolve()}", page.as_uri()],
                        check=True, capture_output=True)
+
 
 if __name__ == "__main__":
     main()
