@@ -489,25 +489,26 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_paths(values: list[str] | None, flag: str) -> dict[str, str]:
+def named_values(values: list[str] | None, flag: str, what: str = "PATH") -> dict[str, str]:
+    """Repeated ``flag NAME=VALUE`` options as a dict (``what`` names the value in the error)."""
     named = {}
     for value in values or []:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{flag} takes NAME=PATH, got {value!r}.")
-        named[name] = path
+        name, sep, text = value.partition("=")
+        if not sep or not name or not text:
+            raise ConfigError(f"{flag} takes NAME={what}, got {value!r}.")
+        named[name] = text
     return named
 
 
 def _cmd_compare_steering(args: argparse.Namespace) -> int:
     model = _load(args)
-    interventions = {n: IRM.load(p, model) for n, p in _named_paths(args.irm, "--irm").items()}
+    interventions = {n: IRM.load(p, model) for n, p in named_values(args.irm, "--irm").items()}
     interventions.update({n: SteeringVector.load(p, model)
-                          for n, p in _named_paths(args.vector, "--vector").items()})
+                          for n, p in named_values(args.vector, "--vector").items()})
     if args.prompting:
         interventions["prompting"] = Prompting.persona(args.alignment)
     scales = {}
-    for name, values in _named_paths(args.scales, "--scales").items():
+    for name, values in named_values(args.scales, "--scales").items():
         try:
             scales[name] = [float(x) for x in values.split(",")]
         except ValueError as exc:

@@ -22,16 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from irm_lens._io import atomic_write_text
+from irm_lens.cli import named_values
 from irm_lens.compare import SteeringComparison
 from irm_lens.evaluate import DegenerationThresholds
 from irm_lens.report.figures import dose_response_figure
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    pairs = dict(item.partition("=")[::2] for item in items)
-    if any(not key or not value for key, value in pairs.items()):
-        raise SystemExit(f"{flag} takes NAME=VALUE")
-    return pairs
 
 
 def read_points(paths: list[str], scales: dict[str, float], labels: dict[str, str]) -> pd.DataFrame:
@@ -55,8 +49,8 @@ def main() -> None:
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True, help="a .html file, or a .png (headless Chromium)")
     args = p.parse_args()
-    scales = {k: float(v) for k, v in _pairs(args.scale, "--scale").items()}
-    table = read_points(args.csvs, scales, _pairs(args.label, "--label"))
+    scales = {k: float(v) for k, v in named_values(args.scale, "--scale", "S").items()}
+    table = read_points(args.csvs, scales, named_values(args.label, "--label", "TEXT"))
     if args.max_perplexity_ratio is not None:
         far = table.perplexity_ratio > args.max_perplexity_ratio
         print(f"left out {int(far.sum())} points past ratio {args.max_perplexity_ratio:g}")
