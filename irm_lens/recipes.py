@@ -8,9 +8,9 @@
   and no cross-entropy on the chosen replies (it narrowed the phrasing); the trained IRM is
   dosed per decoding: for greedy decoding, to move the model by a KL of 0.415 nats per token
   on the pairs' unsteered replies; for sampled decoding (which tolerates a stronger push), to
-  make its sampled replies to 40 tuning questions 3.47 times as perplexing to the unsteered
+  make its sampled replies to 40 tuning questions 3.2 times as perplexing to the unsteered
   model as the unsteered replies (``RecipeResult.doses``). For anger's seed 0 that is 0.75 and
-  0.9; weaker seeds get more. Sadness and joy have targets of their own, set the same way
+  0.86; weaker seeds get more. Sadness and joy have targets of their own, set the same way
   (``Recipe.alignment_targets``), and joy a warm start at CAA x3 and an entropy term
   (``Recipe.alignment_settings``).
   The pairs are generated once (``generate_pairs``, at the first of ``pairs_scales`` at which
@@ -207,12 +207,14 @@ RECIPES: dict[str, Recipe] = {
     "preference": Recipe(
         objective="preference",
         # seed 0's KL at the doses chosen for it on the tuning questions (0.75 greedy, 0.9
-        # sampled; docs/training.md, "A dose per decoding" and "One KL per decoding"), and its
-        # sampled replies' perplexity ratio at 0.9 on the first 40 tuning questions ("One
-        # perplexity for sampled decoding"); the sampled KL only centres that fit
+        # sampled; docs/training.md, "A dose per decoding" and "One KL per decoding"); the
+        # sampled KL only centres the perplexity fit. Its target, 3.2, is the degeneration
+        # line (4.0) over 1.25, about the most a ratio fitted on the tuning questions grew on
+        # held-out prompts (3.47, seed 0's ratio at 0.9, came out at 3.2-4.3 there: "One
+        # perplexity, with a margin")
         dose_kl=0.415,
         sampled_dose_kl=0.62,
-        sampled_dose_perplexity=3.47,
+        sampled_dose_perplexity=3.2,
         # sadness and joy: seed 0's targets at the largest doses whose replies to the 160
         # tuning questions passed every check, per decoding (docs/training.md, "Sadness and
         # joy: doses of their own"; scripts/dose_tuning.py --targets-at)

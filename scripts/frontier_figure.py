@@ -49,7 +49,10 @@ def main() -> None:
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True, help="a .html file, or a .png (headless Chromium)")
     args = p.parse_args()
-    scales = {k: float(v) for k, v in named_values(args.scale, "--scale", "S").items()}
+    try:
+        scales = {k: float(v) for k, v in named_values(args.scale, "--scale", "S").items()}
+    except ValueError as exc:
+        raise SystemExit(f"--scale takes NAME=S with S a number: {exc}") from exc
     table = read_points(args.csvs, scales, named_values(args.label, "--label", "TEXT"))
     if args.max_perplexity_ratio is not None:
         far = table.perplexity_ratio > args.max_perplexity_ratio

@@ -9,6 +9,7 @@ study continues where it stopped (training resumes from its checkpoints).
     python scripts/steering_study.py --alignment anger --seeds 0,1,2 --sets 3 --out runs/study/anger
 
 ``--sets 1,2,0`` measures the same three sets in another order (the held-out ones first).
+``--sets rest`` measures the prompts no set, pair or dose tuning has asked (``rest_prompts``).
 
 Prompt sets are ``--n-prompts`` prompts each, starting at ``--first-prompt`` (prompts before it
 are left for choosing settings); the unsteered texts are generated once per set.
@@ -26,9 +27,16 @@ import torch
 
 import irm_lens
 from irm_lens.compare import DECODINGS as BOTH
-from irm_lens.evaluate import DegenerationThresholds
-from irm_lens.recipes import RECIPES, train_recipe
+from irm_lens.data.corpora import neutral_prompts
+from irm_lens.evaluate import DegenerationThresholds, eval_prompts
+from irm_lens.recipes import FIRST_TUNING_QUESTION, RECIPES, train_recipe
 from irm_lens.report.figures import dose_response_figure
+
+# The held-out sets of the studies (sets 0-2), and the tuning questions dose tuning reads
+# (``dose_tuning.py --n-prompts``'s default, from ``FIRST_TUNING_QUESTION`` on): what ``rest``
+# leaves out besides the first ``--first-prompt`` prompts and the pairs' questions.
+N_SETS = 3
+DOSE_TUNING_QUESTIONS = 160
 
 
 def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:
@@ -46,15 +54,45 @@ def _vectors(model, args, out: Path) -> dict[str, irm_lens.SteeringVector]:
     return vectors
 
 
-def _measure_set(model, interventions: dict, points: dict, args, first: int, where: Path
-                 ) -> pd.DataFrame:
+def rest_prompts(args) -> list[str]:
+    """The prompts left over by everything else: the held-out prompts after the three sets,
+    and the training questions after the tuning questions that dose tuning reads
+    (``dose_tuning.py``'s 160 from ``FIRST_TUNING_QUESTION``; every pair asked earlier ones)."""
+    held_out = neutral_prompts(None, split="eval")[args.first_prompt + N_SETS * args.n_prompts:]
+    tuned = FIRST_TUNING_QUESTION + DOSE_TUNING_QUESTIONS
+    return held_out + neutral_prompts(None, split="train")[tuned:]
+
+
+def _parse_sets(text: str) -> list[int | str]:
+    """``--sets``: a count N (sets 0..N-1), or set numbers and ``rest`` separated by commas."""
+    names = [k for k in text.split(",") if k]
+    if not names or not all(k == "rest" or k.isdigit() for k in names):
+        raise SystemExit(f"--sets takes a count or set numbers and 'rest' separated by commas, "
+                         f"got {text!r}")
+    if "," not in text and names[0] != "rest":
+        return list(range(int(names[0])))
+    return [k if k == "rest" else int(k) for k in names]
+
+
+def _set_prompts(k: int | str, args) -> tuple[list[str], str]:
+    """Set ``k``'s prompts and how to name them."""
+    if k == "rest":
+        prompts = rest_prompts(args)
+        return prompts, f"{len(prompts)} prompts no set, pair or tuning asked"
+    first = args.first_prompt + k * args.n_prompts
+    prompts = eval_prompts(None, args.n_prompts, first)
+    return prompts, f"prompts {first}-{first + args.n_prompts - 1}"
+
+
+def _measure_set(model, interventions: dict, points: dict, args, prompts: list[str],
+                 where: Path, named: str) -> pd.DataFrame:
     """Every intervention at each of its points (scale, decodings) on one prompt set. Each
     point's rows and samples are saved as it is measured (``where/<name>@<scale>.parquet``, or
     ``<name>@<scale>-<decoding>.parquet`` for one decoding), the unsteered samples once per
     decoding, and reused on a rerun, so that adding a scale or an intervention measures only
     what is new."""
     where.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(n_prompts=args.n_prompts, first_prompt=first, max_new_tokens=args.max_new_tokens)
+    kwargs = dict(prompts=prompts, max_new_tokens=args.max_new_tokens)
     tables, samples = [], []
     for name, intervention in interventions.items():
         for scale, decodings in points[name]:
@@ -76,7 +114,7 @@ def _measure_set(model, interventions: dict, points: dict, args, first: int, whe
                 result.samples[result.samples.intervention == name].to_parquet(
                     done.with_suffix(".samples.parquet"))
                 result.table.to_parquet(done)
-                print(f"{where.name} (prompts {first}-{first + args.n_prompts - 1}): {name} x{scale:g}"
+                print(f"{where.name} ({named}): {name} x{scale:g}"
                       f" {'/'.join(decodings)} measured in {time.perf_counter() - start:.0f} s",
                       flush=True)
             tables.append(pd.read_parquet(done))
@@ -162,7 +200,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sets", default="3",
                    help="how many prompt sets (N: sets 0..N-1), or which, in the order to measure "
-                        "them ('1,2,0'; '2,' is set 2 alone): set k holds the k-th n-prompts after --first-prompt")
+                        "them ('1,2,0'; '2,' is set 2 alone): set k holds the k-th n-prompts after "
+                        "--first-prompt; 'rest' the prompts no set, pair or tuning asked")
     p.add_argument("--n-prompts", type=int, default=160)
     p.add_argument("--first-prompt", type=int, default=40)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -186,8 +225,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.caa_layers = [int(x) for x in args.caa_layers.split(",")]
-    args.sets = ([int(k) for k in args.sets.split(",") if k] if "," in args.sets
-                 else list(range(int(args.sets))))
+    args.sets = _parse_sets(args.sets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -219,16 +257,17 @@ def main() -> None:
     points = _only(points, tuple(args.decodings.split(",")))
     verdicts = []
     for k in args.sets:
-        first = args.first_prompt + k * args.n_prompts
+        prompts, named = _set_prompts(k, args)
         measured = {name: x for name, x in interventions.items() if args.baseline_sets is None
-                    or k < args.baseline_sets or name not in ("actadd", "prompting")}
+                    or (k != "rest" and k < args.baseline_sets)
+                    or name not in ("actadd", "prompting")}
         if args.interventions:
             measured = {name: x for name, x in measured.items()
                         if name in args.interventions.split(",")}
-        table = _measure_set(model, measured, points, args, first, out / f"set{k}")
+        table = _measure_set(model, measured, points, args, prompts, out / f"set{k}", named)
         with pd.option_context("display.width", 220, "display.max_columns", 20):
             print(table.drop(columns=["off"]).round(3).to_string(index=False), flush=True)
-        verdicts.append(_verdict(table, irm_names).assign(set=k, first_prompt=first))
+        verdicts.append(_verdict(table, irm_names).assign(set=k, prompts=named))
     summary = pd.concat(verdicts, ignore_index=True)
     summary.to_csv(out / "summary.csv", index=False)
     with pd.option_context("display.width", 220, "display.max_columns", 20):
