@@ -28,7 +28,7 @@ import pandas as pd
 
 import irm_lens
 from irm_lens.data.corpora import neutral_prompts
-from irm_lens.recipes import RECIPES, recipe_pairs, targets_at
+from irm_lens.recipes import FIRST_TUNING_QUESTION, RECIPES, recipe_pairs, targets_at
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--irm-scales", default="0.6,0.8,1")
     p.add_argument("--vector", action="append", default=[], help="a SteeringVector file")
     p.add_argument("--vector-scales", default="2,3,4")
-    p.add_argument("--first-question", type=int, default=940)
+    p.add_argument("--first-question", type=int, default=FIRST_TUNING_QUESTION)
     p.add_argument("--n-prompts", type=int, default=160)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--decodings", default="greedy,sampled",
