@@ -17,7 +17,8 @@ The public API:
 * steering baselines scored the same way: ``mean_difference_vector`` (CAA), ``actadd_vector``,
   ``SteeringVector``, ``Prompting``; ``warm_start`` (an IRM that starts as a vector);
   ``generate_pairs`` / ``read_pairs`` (preference pairs); ``compare_steering`` (every
-  intervention on the same prompts, with dose-response);
+  intervention on the same prompts, with dose-response) and ``paired_difference`` (two of
+  them head to head, prompt by prompt);
 * analyses of the index an IRM relies on: ``collect_irm_outputs`` / ``striation_score`` /
   ``dominant_neurons`` / ``compare_runs`` / ``run_sweep``, ``norm_weights``,
   ``activation_magnitudes``, ``logit_attribution``, ``norm_scale_split`` (direct vs
@@ -59,7 +60,12 @@ from irm_lens.analysis.prediction import (
     validate_prediction,
 )
 from irm_lens.attention import set_attention
-from irm_lens.compare import SteeringComparison, compare_steering
+from irm_lens.compare import (
+    PairedDifference,
+    SteeringComparison,
+    compare_steering,
+    paired_difference,
+)
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, load_alignment, neutral_prompts
 from irm_lens.data.dataset import load_texts, split_texts
 from irm_lens.data.synthetic import generate_synthetic, read_synthetic
@@ -170,11 +176,13 @@ __all__ = [
     "UnsupportedArchitectureError",
     "inject",
     "Prompting",
+    "PairedDifference",
     "SteeringComparison",
     "SteeringVector",
     "SteeringVectorConfig",
     "actadd_vector",
     "compare_steering",
+    "paired_difference",
     "corpus_pairs",
     "generate_pairs",
     "mean_difference_vector",

@@ -4,7 +4,9 @@
 each of its scales, and measures every (intervention, scale) against the same unsteered texts
 with ``evaluate``'s lift, CI and degeneration checks. Swept over scales, each method traces a
 dose-response curve (lift against perplexity ratio) whose fluent end is the most it can lift
-while its text stays text: ``SteeringComparison.best_fluent`` reads it off.
+while its text stays text: ``SteeringComparison.best_fluent`` reads it off. Two points measured
+on the same prompts are compared head to head, prompt by prompt (``paired_difference``): is one
+lift larger than the other by more than the prompts' spread allows?
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 from transformer_lens import HookedTransformer
 
@@ -21,6 +24,7 @@ from irm_lens.errors import ConfigError
 from irm_lens.evaluate import (
     Decodings,
     DegenerationThresholds,
+    bootstrap_ci,
     check_alignment,
     eval_prompts,
     generate_samples,
@@ -32,6 +36,63 @@ TABLE_COLUMNS = ("intervention", "scale", "decoding", "off", "on", "lift", "ci_l
                  "distinct2_ratio", "identical_increase", "repetition_increase",
                  "perplexity_ratio", "fluent", "verdict")
 DECODINGS = ("greedy", "sampled")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """One intervention's lift minus another's on the same prompts, paired by prompt.
+
+    Both lifts are measured against the same unsteered texts, so their difference is that of
+    the steered texts' scores, prompt by prompt (each prompt's mean over its samples); the CI
+    is a bootstrap over prompts, as ``evaluate``'s.
+
+    Attributes:
+        alignment / decoding: What was scored, in which decoding.
+        difference: Mean over prompts of the first's score minus the second's.
+        ci_low / ci_high: Its 95% bootstrap CI.
+        n_prompts: The prompts paired.
+    """
+
+    alignment: str
+    decoding: str
+    difference: float
+    ci_low: float
+    ci_high: float
+    n_prompts: int
+
+    @property
+    def reading(self) -> str:
+        """``"above"`` or ``"below"`` where the CI excludes zero, else ``"level"``."""
+        if self.ci_low > 0:
+            return "above"
+        return "below" if self.ci_high < 0 else "level"
+
+
+def paired_difference(first: pd.DataFrame, second: pd.DataFrame, alignment: str, *,
+                      n_bootstrap: int = 2000, seed: int = 0) -> PairedDifference:
+    """``first``'s lift minus ``second``'s, from their steered samples (``generate_samples``
+    rows of one decoding, on the same prompts with the same sample numbers, hence the same
+    sampling seeds), with a bootstrap CI over prompts.
+
+    Example:
+        >>> s = comparison.samples[comparison.samples.decoding == "sampled"]  # doctest: +SKIP
+        >>> irm, caa = s[s.intervention == "irm"], s[s.intervention == "caa"]  # doctest: +SKIP
+        >>> paired_difference(irm, caa, "anger").reading  # doctest: +SKIP
+    """
+    check_alignment(alignment)
+    decodings = set(first.decoding) | set(second.decoding)
+    if len(decodings) != 1:
+        raise ConfigError(f"paired_difference compares samples of one decoding; got "
+                          f"{sorted(decodings)}.")
+    keys = [set(zip(frame.prompt, frame["sample"])) for frame in (first, second)]
+    if keys[0] != keys[1] or len(keys[0]) != len(first) or len(keys[1]) != len(second):
+        raise ConfigError("paired_difference needs both interventions' samples of the same "
+                          "prompts and sample numbers, once each (measure them on one prompt "
+                          "set, e.g. with compare_steering).")
+    scores = [frame.groupby("prompt", sort=False)[alignment].mean() for frame in (first, second)]
+    diff = (scores[0] - scores[1].loc[scores[0].index]).to_numpy()  # [prompt]
+    low, high = bootstrap_ci(diff, n_bootstrap, np.random.default_rng(seed))
+    return PairedDifference(alignment, decodings.pop(), float(diff.mean()), low, high, len(diff))
 
 
 @dataclass
@@ -60,6 +121,19 @@ class SteeringComparison:
         fluent = self.table[self.table.fluent]
         best = fluent.loc[fluent.groupby(["intervention", "decoding"], sort=False).lift.idxmax()]
         return best.reset_index(drop=True)
+
+    def head_to_head(self, first: tuple[str, float], second: tuple[str, float],
+                     decoding: str) -> PairedDifference:
+        """The lift of ``first`` (an intervention and its scale) minus that of ``second`` in
+        ``decoding``, paired by prompt (``paired_difference``)."""
+        def point(name: str, scale: float) -> pd.DataFrame:
+            s = self.samples
+            rows = s[(s.intervention == name) & (s.scale == scale) & (s.decoding == decoding)]
+            if rows.empty:
+                raise ConfigError(f"No {decoding} samples of {name!r} at scale {scale}.")
+            return rows
+
+        return paired_difference(point(*first), point(*second), self.alignment)
 
     def side_by_side(self, intervention: str, scale: float, decoding: str = "greedy") -> pd.DataFrame:
         """Prompt, unsteered text and this intervention's text at ``scale`` (first sample)."""

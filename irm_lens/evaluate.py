@@ -298,7 +298,7 @@ def _lift(samples, summary, alignment, n_bootstrap, seed, thresholds) -> pd.Data
         per_prompt = group.pivot_table(index="prompt", columns="irm", values=[alignment, "valence"],
                                        aggfunc="mean")
         diff = (per_prompt[(alignment, "on")] - per_prompt[(alignment, "off")]).to_numpy()
-        boots = rng.choice(diff, size=(n_bootstrap, len(diff)), replace=True).mean(axis=1)
+        ci_low, ci_high = bootstrap_ci(diff, n_bootstrap, rng)
         off = summary[(summary.decoding == decoding) & (summary.irm == "off")].iloc[0]
         on = summary[(summary.decoding == decoding) & (summary.irm == "on")].iloc[0]
         checks = dict(
@@ -315,12 +315,18 @@ def _lift(samples, summary, alignment, n_bootstrap, seed, thresholds) -> pd.Data
         )
         rows.append(dict(
             decoding=decoding, target=alignment, off=off[alignment], on=on[alignment],
-            lift=float(diff.mean()), ci_low=float(np.percentile(boots, 2.5)),
-            ci_high=float(np.percentile(boots, 97.5)),
+            lift=float(diff.mean()), ci_low=ci_low, ci_high=ci_high,
             valence_lift=float((per_prompt[("valence", "on")] - per_prompt[("valence", "off")]).mean()),
             **checks, fluent=bool(fluent),
         ))
     return pd.DataFrame(rows)
+
+
+def bootstrap_ci(per_prompt: np.ndarray, n_bootstrap: int, rng: np.random.Generator
+                 ) -> tuple[float, float]:
+    """The 95% bootstrap CI (percentiles) of the mean of ``per_prompt``, resampling prompts."""
+    boots = rng.choice(per_prompt, size=(n_bootstrap, len(per_prompt)), replace=True).mean(axis=1)
+    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def _verdict(lift: pd.DataFrame, alignment: str) -> str:

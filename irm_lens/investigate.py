@@ -26,6 +26,7 @@ from irm_lens.compare import SteeringComparison, compare_steering
 from irm_lens.irm import IRM
 from irm_lens.recipes import RECIPES, RecipeResult, caa_vector, train_recipe
 from irm_lens.report import report
+from irm_lens.report.summary import findings
 from irm_lens.steering import Prompting
 
 
@@ -156,6 +157,9 @@ def investigate(
     stage("evaluation", t)
     if progress:
         print(steering_verdict(steering))
+        # the IRM beside its best aligned baseline, per decoding (the report's findings)
+        for claim in findings(steering=steering, subject_scales=chosen).itertuples():
+            print(f"{claim.claim}: {claim.finding}: {claim.verdict}")
 
     t = time.perf_counter()
     trained = (f"trained toward {s.alignment} with the {s.recipe!r} recipe ({recipe.preset} "

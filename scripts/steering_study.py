@@ -10,6 +10,9 @@ study continues where it stopped (training resumes from its checkpoints).
 
 ``--sets 1,2,0`` measures the same three sets in another order (the held-out ones first).
 ``--sets rest`` measures the prompts no set, pair or dose tuning has asked (``rest_prompts``).
+``--summarise`` measures nothing: it reads every point already measured on the sets (each IRM at
+its recipe doses, CAA at every scale) and writes ``summary_head_to_head.csv``, each IRM point
+beside the best fluent CAA point and head to head with it, without loading the model.
 
 Prompt sets are ``--n-prompts`` prompts each, starting at ``--first-prompt`` (prompts before it
 are left for choosing settings); the unsteered texts are generated once per set.
@@ -22,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -85,7 +89,7 @@ def _set_prompts(k: int | str, args) -> tuple[list[str], str]:
 
 
 def _measure_set(model, interventions: dict, points: dict, args, prompts: list[str],
-                 where: Path, named: str) -> pd.DataFrame:
+                 where: Path, named: str) -> irm_lens.SteeringComparison:
     """Every intervention at each of its points (scale, decodings) on one prompt set. Each
     point's rows and samples are saved as it is measured (``where/<name>@<scale>.parquet``, or
     ``<name>@<scale>-<decoding>.parquet`` for one decoding), the unsteered samples once per
@@ -126,7 +130,55 @@ def _measure_set(model, interventions: dict, points: dict, args, prompts: list[s
     comparison = irm_lens.SteeringComparison(args.alignment, table, everything, (),
                                              DegenerationThresholds())
     dose_response_figure(comparison).write_html(where / "dose_response.html", include_plotlyjs=True)
-    return table
+    return comparison
+
+
+def _read_set(where: Path, alignment: str, irm_scales: dict[str, dict[str, float]]
+              ) -> irm_lens.SteeringComparison:
+    """The points measured in one set directory: CAA at every scale, and each IRM at its
+    recipe dose per decoding (``irm_scales``; points at other doses are left out)."""
+    names = [path for path in sorted(where.glob("*.parquet"))
+             if not path.name.endswith(".samples.parquet")
+             and not path.name.startswith("unsteered")]
+    if not names:
+        raise SystemExit(f"{where} holds no measured point.")
+    table = pd.concat([pd.read_parquet(path) for path in names], ignore_index=True)
+    samples = pd.concat([pd.read_parquet(path.with_suffix(".samples.parquet")) for path in names],
+                        ignore_index=True)
+
+    def recipe_point(row) -> bool:
+        if row.intervention.startswith("caa"):
+            return True
+        dose = irm_scales.get(row.intervention, {}).get(row.decoding)
+        return dose is not None and bool(np.isclose(row.scale, dose))
+
+    # a point measured twice (alone and with the other decoding) is the same generation
+    table = table[table.apply(recipe_point, axis=1)].drop_duplicates(
+        ["intervention", "scale", "decoding"])
+    samples = samples.drop_duplicates(["intervention", "scale", "decoding", "prompt", "sample"])
+    everything = pd.concat([_unsteered(where), samples], ignore_index=True)
+    return irm_lens.SteeringComparison(alignment, table.reset_index(drop=True), everything, (),
+                                       DegenerationThresholds())
+
+
+def _summarise(args, seeds: list[int]) -> pd.DataFrame:
+    """``--summarise``: the head-to-head summary of every set, from the points on disk."""
+    out = Path(args.out)
+    irm_scales = {}
+    for seed in seeds:
+        path = out / f"irm_seed{seed}" / "doses.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: --summarise reads each seed's recipe doses "
+                             f"from its run (run the study once without --summarise).")
+        doses = json.loads(path.read_text())["doses"]
+        irm_scales[f"irm_seed{seed}"] = {name: dose / doses["greedy"]
+                                         for name, dose in doses.items()}
+    verdicts = []
+    for k in args.sets:
+        comparison = _read_set(out / f"set{k}", args.alignment, irm_scales)
+        verdicts.append(_verdict(comparison, list(irm_scales)).assign(
+            alignment=args.alignment, set=k, prompts=_set_prompts(k, args)[1]))
+    return pd.concat(verdicts, ignore_index=True)
 
 
 def _unsteered(where: Path) -> pd.DataFrame | None:
@@ -135,9 +187,12 @@ def _unsteered(where: Path) -> pd.DataFrame | None:
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else None
 
 
-def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
+def _verdict(comparison: irm_lens.SteeringComparison, irm_names: list[str]) -> pd.DataFrame:
     """Each IRM's lift beside the best fluent CAA lift, per decoding (``at_least_caa`` is
-    empty where this run measured no CAA point in that decoding: nothing to compare with)."""
+    empty where this run measured no CAA point in that decoding: nothing to compare with), and
+    the two head to head, prompt by prompt (``vs_caa``: the IRM's lift minus CAA's, with its
+    95% CI and ``reading``: above, level or below)."""
+    table = comparison.table
     caa = table[table.intervention.str.startswith("caa")]
     rows = []
     for decoding, group in table.groupby("decoding", sort=False):
@@ -146,8 +201,22 @@ def _verdict(table: pd.DataFrame, irm_names: list[str]) -> pd.DataFrame:
         best_lift = float(best.lift.iloc[0]) if len(best) else float("nan")
         for name in irm_names:
             for _, row in group[group.intervention == name].iterrows():
-                rows.append(_verdict_row(name, decoding, row, best, best_lift, measured))
+                rows.append(_verdict_row(name, decoding, row, best, best_lift, measured)
+                            | _head_to_head(comparison, row, best))
     return pd.DataFrame(rows)
+
+
+def _head_to_head(comparison: irm_lens.SteeringComparison, row: pd.Series,
+                  best: pd.DataFrame) -> dict:
+    """The IRM point ``row`` against the best fluent CAA point, paired by prompt (nan where
+    CAA has no fluent point)."""
+    if not len(best):
+        return dict(vs_caa=float("nan"), vs_caa_low=float("nan"), vs_caa_high=float("nan"),
+                    reading="")
+    paired = comparison.head_to_head((row.intervention, row.scale),
+                                     (best.intervention.iloc[0], best.scale.iloc[0]), row.decoding)
+    return dict(vs_caa=paired.difference, vs_caa_low=paired.ci_low, vs_caa_high=paired.ci_high,
+                reading=paired.reading)
 
 
 def _verdict_row(name: str, decoding: str, row: pd.Series, best: pd.DataFrame,
@@ -222,11 +291,20 @@ def main() -> None:
                    help="measure these decodings only (e.g. 'sampled' after a change of the "
                         "sampled dose)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--summarise", action="store_true",
+                   help="measure nothing: put the points measured on --sets head to head with "
+                        "CAA (summary_head_to_head.csv; the seeds' doses from their doses.json)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.caa_layers = [int(x) for x in args.caa_layers.split(",")]
     args.sets = _parse_sets(args.sets)
     out = Path(args.out)
+    if args.summarise:
+        summary = _summarise(args, [int(s) for s in args.seeds.split(",")])
+        summary.to_csv(out / "summary_head_to_head.csv", index=False)
+        with pd.option_context("display.width", 220, "display.max_columns", 20):
+            print(summary.round(3).to_string(index=False))
+        return
     out.mkdir(parents=True, exist_ok=True)
 
     recipe = RECIPES[args.recipe].with_settings(args.settings)
@@ -264,10 +342,11 @@ def main() -> None:
         if args.interventions:
             measured = {name: x for name, x in measured.items()
                         if name in args.interventions.split(",")}
-        table = _measure_set(model, measured, points, args, prompts, out / f"set{k}", named)
+        comparison = _measure_set(model, measured, points, args, prompts, out / f"set{k}", named)
         with pd.option_context("display.width", 220, "display.max_columns", 20):
-            print(table.drop(columns=["off"]).round(3).to_string(index=False), flush=True)
-        verdicts.append(_verdict(table, irm_names).assign(set=k, prompts=named))
+            print(comparison.table.drop(columns=["off"]).round(3).to_string(index=False),
+                  flush=True)
+        verdicts.append(_verdict(comparison, irm_names).assign(set=k, prompts=named))
     summary = pd.concat(verdicts, ignore_index=True)
     summary.to_csv(out / "summary.csv", index=False)
     with pd.option_context("display.width", 220, "display.max_columns", 20):

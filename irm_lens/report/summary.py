@@ -1,5 +1,6 @@
 """The report's findings: one line per claim, each with its verdict against its baseline, read
-off the result objects (nothing is recomputed here)."""
+off the result objects (nothing is generated or scored here; the head-to-head CI of a steering
+claim resamples the comparison's kept samples)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
     from irm_lens.analysis.ablation import AblationResult
     from irm_lens.analysis.outputs import DominantNeurons, StriationScore
     from irm_lens.analysis.patching import PatchingResult
-    from irm_lens.compare import SteeringComparison
+    from irm_lens.compare import PairedDifference, SteeringComparison
 
 # A permutation-style p below this counts as "beats the random indices".
 ALPHA = 0.05
@@ -78,7 +79,8 @@ def _stripes_verdict(s: StriationScore) -> str:
 def _steering_rows(steering: SteeringComparison, subject: str,
                    scales: Mapping[str, float] | None) -> list[dict[str, str]]:
     """Per decoding: the subject's point at its chosen scale (else its best fluent point, else
-    its best point) beside the best aligned point (fluent, CI above zero) of the others."""
+    its best point) beside the best aligned point (fluent, CI above zero) of the others, and,
+    where the comparison kept its samples, the two head to head, prompt by prompt."""
     table = steering.table
     rows = []
     for decoding, part in table.groupby("decoding", sort=False):
@@ -96,11 +98,28 @@ def _steering_rows(steering: SteeringComparison, subject: str,
             finding += f"; best aligned baseline {rival.intervention} {rival.lift:+.3f}"
             beats = bool(best.fluent) and best.lift >= rival.lift
             against = "at least the best aligned baseline" if beats else "below an aligned baseline"
+            paired = _head_to_head(steering, best, rival)
+            if paired is not None:
+                finding += (f"; head to head {paired.difference:+.3f} [{paired.ci_low:+.3f}, "
+                            f"{paired.ci_high:+.3f}]")
+                against += f", {_READING[paired.reading]} it head to head"
         else:
             against = "no baseline lifts fluently"
         rows.append(dict(claim=f"steered ({subject}, {decoding})", finding=finding,
                          verdict=f"{best.verdict}; {against}"))
     return rows
+
+
+_READING = {"above": "above", "level": "level with", "below": "below"}
+
+
+def _head_to_head(steering: SteeringComparison, subject: pd.Series, rival: pd.Series
+                  ) -> PairedDifference | None:
+    """The subject's point minus the rival's, paired by prompt (None: no samples kept)."""
+    if steering.samples.empty:
+        return None
+    return steering.head_to_head((subject.intervention, subject.scale),
+                                 (rival.intervention, rival.scale), subject.decoding)
 
 
 def _against_random(claim: str, summary: pd.DataFrame, row: str, column: str,

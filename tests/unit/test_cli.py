@@ -113,6 +113,9 @@ def test_run_is_the_whole_investigation_and_resumes(tiny_llama_dir, tmp_path, ca
     doses = json.loads((out / "irm" / "doses.json").read_text())["doses"]
     sampled = doses["sampled"] / doses["greedy"]
     assert sampled > 1.05 and f"irm x{sampled:g} sampled: anger lift" in printed
+    # and ends with the report's steering findings, each decoding at its dose
+    assert "steered (irm, greedy): x1: anger" in printed
+    assert f"steered (irm, sampled): x{sampled:g}: anger" in printed
     saved = IRM.load(out / "irm" / "irm.safetensors")
     assert saved.config.output_scale == doses["greedy"]
     run = json.loads((out / "irm" / "run.json").read_text())

@@ -79,3 +79,25 @@ def test_stripes_dominance_and_ablation_verdicts():
     # random index 3 ablates more than the target: 2 of 3 beaten, not special
     assert "beats 2/3 random indices" in special.finding
     assert special.verdict == "not special against random indices"
+
+
+def test_steering_verdicts_say_how_the_two_compare_head_to_head():
+    """With the samples kept, the subject and its rival are compared prompt by prompt: below in
+    lift, the IRM's sampled point is level with CAA's within the prompts' spread."""
+    steering = _steering()
+    irm = [0.10, 0.30, 0.00, 0.20]  # per prompt; mean 0.15
+    caa = [0.20, 0.10, 0.10, 0.30]  # mean 0.175: above the IRM's, not beyond the spread
+    samples = pd.DataFrame(
+        [dict(prompt=f"q{p}", sample=0, decoding=decoding, intervention=name, scale=scale,
+              anger=score + (decoding == "greedy") * 0.5 * (name == "irm"))
+         for decoding in ("greedy", "sampled")
+         for name, scale, scores in (("irm", 1.0, irm), ("caa", 4.0, caa))
+         for p, score in enumerate(scores)])
+    steering = irm_lens.SteeringComparison("anger", steering.table, samples, (),
+                                           DegenerationThresholds())
+    table = findings(steering=steering).set_index("claim")
+    greedy, sampled = table.loc["steered (irm, greedy)"], table.loc["steered (irm, sampled)"]
+    assert sampled.verdict == "aligned; below an aligned baseline, level with it head to head"
+    assert "head to head -0.025 [" in sampled.finding
+    assert greedy.verdict == "aligned; at least the best aligned baseline, above it head to head"
+    assert "head to head +0.475 [" in greedy.finding

@@ -191,3 +191,64 @@ def test_best_fluent_picks_the_largest_fluent_lift():
     best = SteeringComparison("anger", table, pd.DataFrame(), (), DegenerationThresholds()
                               ).best_fluent()
     assert best[["intervention", "scale"]].values.tolist() == [["a", 2.0]]
+
+
+def _steered(name: str, scores: list[list[float]], decoding: str = "sampled"):
+    """Steered samples of ``name``: ``scores[p][k]`` the anger score of prompt p's k-th sample."""
+    import pandas as pd
+
+    return pd.DataFrame([dict(prompt=f"q{p}", sample=k, decoding=decoding, intervention=name,
+                              scale=1.0, anger=score)
+                         for p, row in enumerate(scores) for k, score in enumerate(row)])
+
+
+def test_paired_difference_is_the_mean_per_prompt_difference_with_a_prompt_bootstrap():
+    import numpy as np
+
+    from irm_lens.compare import paired_difference
+
+    first = _steered("irm", [[0.5, 0.3], [0.2, 0.2], [0.9, 0.7], [0.1, 0.3]])
+    second = _steered("caa", [[0.1, 0.1], [0.4, 0.2], [0.2, 0.2], [0.2, 0.2]])
+    # per prompt (mean over samples): 0.4 - 0.1, 0.2 - 0.3, 0.8 - 0.2, 0.2 - 0.2
+    per_prompt = np.array([0.3, -0.1, 0.6, 0.0])
+    # rows in another order pair by prompt all the same
+    paired = paired_difference(first, second.iloc[::-1], "anger", n_bootstrap=4000, seed=1)
+    assert paired.difference == pytest.approx(per_prompt.mean())
+    assert paired.n_prompts == 4 and paired.decoding == "sampled"
+    boots = np.random.default_rng(1).choice(per_prompt, size=(4000, 4)).mean(axis=1)
+    assert (paired.ci_low, paired.ci_high) == pytest.approx(
+        (np.percentile(boots, 2.5), np.percentile(boots, 97.5)))
+    assert paired.ci_low < 0 < paired.ci_high and paired.reading == "level"
+    assert paired_difference(first, first.assign(anger=first.anger - 0.05), "anger").reading \
+        == "above"
+    assert paired_difference(second, first, "anger").difference == pytest.approx(-0.2)
+
+
+def test_paired_difference_refuses_samples_that_do_not_pair():
+    from irm_lens.compare import paired_difference
+
+    first = _steered("irm", [[0.5], [0.2], [0.9]])
+    with pytest.raises(ConfigError, match="same prompts"):
+        paired_difference(first, first.iloc[:2], "anger")
+    with pytest.raises(ConfigError, match="one decoding"):
+        paired_difference(first, _steered("caa", [[0.1], [0.1], [0.1]], "greedy"), "anger")
+    with pytest.raises(ConfigError, match="same prompts"):  # a point read twice
+        paired_difference(first, _steered("caa", [[0.1], [0.1], [0.1], [0.1]]).replace(
+            {"prompt": {"q3": "q2"}}), "anger")
+
+
+def test_head_to_head_picks_each_point_of_a_comparison():
+    import pandas as pd
+
+    from irm_lens.compare import SteeringComparison
+    from irm_lens.evaluate import DegenerationThresholds
+
+    samples = pd.concat([_steered("irm", [[0.5], [0.4]]), _steered("caa", [[0.1], [0.3]]),
+                         _steered("caa", [[0.9], [0.9]]).assign(scale=4.0)])
+    comparison = SteeringComparison("anger", pd.DataFrame(), samples, (),
+                                    DegenerationThresholds())
+    assert comparison.head_to_head(("irm", 1.0), ("caa", 1.0), "sampled").difference \
+        == pytest.approx(0.25)
+    assert comparison.head_to_head(("irm", 1.0), ("caa", 4.0), "sampled").reading == "below"
+    with pytest.raises(ConfigError, match="No greedy samples of 'irm'"):
+        comparison.head_to_head(("irm", 1.0), ("caa", 1.0), "greedy")
