@@ -125,10 +125,8 @@ def _measure_set(model, interventions: dict, points: dict, args, prompts: list[s
             samples.append(pd.read_parquet(done.with_suffix(".samples.parquet")))
     table = pd.concat(tables, ignore_index=True)
     table.to_csv(where / "comparison.csv", index=False)
-    everything = pd.concat([_unsteered(where), *samples], ignore_index=True)
-    everything.to_csv(where / "samples.csv", index=False)
-    comparison = irm_lens.SteeringComparison(args.alignment, table, everything, (),
-                                             DegenerationThresholds())
+    comparison = _set_comparison(where, args.alignment, table, samples)
+    comparison.samples.to_csv(where / "samples.csv", index=False)
     dose_response_figure(comparison).write_html(where / "dose_response.html", include_plotlyjs=True)
     return comparison
 
@@ -156,9 +154,15 @@ def _read_set(where: Path, alignment: str, irm_scales: dict[str, dict[str, float
     table = table[table.apply(recipe_point, axis=1)].drop_duplicates(
         ["intervention", "scale", "decoding"])
     samples = samples.drop_duplicates(["intervention", "scale", "decoding", "prompt", "sample"])
-    everything = pd.concat([_unsteered(where), samples], ignore_index=True)
-    return irm_lens.SteeringComparison(alignment, table.reset_index(drop=True), everything, (),
-                                       DegenerationThresholds())
+    return _set_comparison(where, alignment, table.reset_index(drop=True), [samples])
+
+
+def _set_comparison(where: Path, alignment: str, table: pd.DataFrame,
+                    samples: list[pd.DataFrame]) -> irm_lens.SteeringComparison:
+    """One set directory's points (``table``, and their steered ``samples``) with its unsteered
+    samples, as one comparison."""
+    everything = pd.concat([_unsteered(where), *samples], ignore_index=True)
+    return irm_lens.SteeringComparison(alignment, table, everything, (), DegenerationThresholds())
 
 
 def _summarise(args, seeds: list[int]) -> pd.DataFrame:
@@ -171,6 +175,7 @@ def _summarise(args, seeds: list[int]) -> pd.DataFrame:
             raise SystemExit(f"{path} is missing: --summarise reads each seed's recipe doses "
                              f"from its run (run the study once without --summarise).")
         doses = json.loads(path.read_text())["doses"]
+        # each decoding's dose as a scale of the saved IRM (RecipeResult.decoding_scales)
         irm_scales[f"irm_seed{seed}"] = {name: dose / doses["greedy"]
                                          for name, dose in doses.items()}
     verdicts = []
