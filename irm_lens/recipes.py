@@ -10,8 +10,10 @@
   on the pairs' unsteered replies; for sampled decoding (which tolerates a stronger push), to
   make its sampled replies to 40 tuning questions 3.2 times as perplexing to the unsteered
   model as the unsteered replies (``RecipeResult.doses``). For anger's seed 0 that is 0.75 and
-  0.86; weaker seeds get more. Sadness and joy have targets of their own, set the same way
-  (``Recipe.alignment_targets``), and joy a warm start at CAA x3 and an entropy term
+  0.86; weaker seeds get more. Sadness and joy have targets of their own, set the same way,
+  and their sampled dose is also held where its replies keep 80% of the unsteered replies'
+  distinct-2 (``Recipe.alignment_targets``); sadness keeps the chosen replies' cross-entropy
+  at weight 0.3, joy has a warm start at CAA x3 and an entropy term
   (``Recipe.alignment_settings``).
   The pairs are generated once (``generate_pairs``, at the first of ``pairs_scales`` at which
   enough of the vector's replies stay fluent to keep a pair) and reused; the
@@ -21,7 +23,8 @@
   zero-initialised IRM (the main job before the preference recipe).
 
 The measurements behind the choice are in docs/training.md ("The steering study",
-"Diversity", and "Sadness and joy: pairs at a fluent scale, doses of their own").
+"Diversity", "Sadness and joy: pairs at a fluent scale, doses of their own", and "A sampled
+dose bounded by diversity").
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ from irm_lens.data.corpora import neutral_prompts
 from irm_lens.data.dataset import PreferencePair, TokenizedTexts, tokenize_texts
 from irm_lens.errors import ConfigError
 from irm_lens.evaluate import Decodings, generated_perplexity
+from irm_lens.generation import generate_continuations
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
 from irm_lens.models import EMBEDDED_MODEL_NAME
 from irm_lens.objectives import mean_kl
 from irm_lens.pairs import generate_pairs, kept_share, read_pairs
+from irm_lens.scoring import distinct_n
 from irm_lens.steering import SteeringVector, mean_difference_vector, warm_start
 from irm_lens.train import TrainConfig, TrainResult, train
 
@@ -62,6 +67,10 @@ DOSE_RULE = 2
 # sample of 32 new tokens per question (``dose_for_perplexity``'s defaults; ``targets_at``).
 TUNING_DECODINGS = Decodings(n_sampled=1, greedy=False)
 TUNING_NEW_TOKENS = 32
+# The diversity bound's tuning questions: as many as an evaluation set has, since distinct-2
+# pooled over the replies falls as they grow in number (on the embedded model, steered /
+# unsteered ratios of 0.79-0.80 on 160 sampled replies read 0.89-0.96 on their first 40).
+DIVERSITY_PROMPTS = 160
 
 
 @dataclass(frozen=True)
@@ -102,10 +111,17 @@ class Recipe:
             (``dose_for_perplexity``, fitted around the ``sampled_dose_kl`` dose). At one KL a
             weak seed spends less fluency, and gets less lift, than a strong one.
         tuning_prompts: How many tuning questions (``tuning_prompts()``) that calibration uses.
-        alignment_targets: Per alignment, calibration targets that replace the three above
-            (``dose_kl``, ``sampled_dose_kl``, ``sampled_dose_perplexity``): each set from one
-            seed whose doses were chosen on the tuning questions (``targets_at``). Alignments
-            not named use the recipe's own, chosen for anger.
+        sampled_dose_distinct2: When set, the sampled dose (fixed or calibrated) is then
+            lowered, a step at a time, until the sampled replies to ``diversity_prompts`` tuning
+            questions keep this share of the unsteered replies' distinct-2
+            (``dose_within_distinct2``): the perplexity ratio does not see one phrase repeated
+            across replies, which is where a strong seed's sampled replies fail first.
+        diversity_prompts: How many tuning questions that bound uses (``DIVERSITY_PROMPTS``).
+        alignment_targets: Per alignment, calibration targets that replace the four above
+            (``dose_kl``, ``sampled_dose_kl``, ``sampled_dose_perplexity``,
+            ``sampled_dose_distinct2``): each set from one seed whose doses were chosen on the
+            tuning questions (``targets_at``). Alignments not named use the recipe's own, chosen
+            for anger.
         alignment_settings: Per alignment, ``with_settings`` strings applied before its
             targets: the training one alignment's measurements chose for it.
         train: The optimisation settings (``max_steps`` is the recipe's length).
@@ -127,6 +143,8 @@ class Recipe:
     sampled_dose_kl: float | None = None
     sampled_dose_perplexity: float | None = None
     tuning_prompts: int = 40
+    sampled_dose_distinct2: float | None = None
+    diversity_prompts: int = DIVERSITY_PROMPTS
     alignment_targets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     alignment_settings: Mapping[str, Sequence[str]] = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
@@ -175,10 +193,13 @@ class Recipe:
                 "sampled": self.dose_kl if self.sampled_dose_kl is None else self.sampled_dose_kl}
 
     def dose_targets(self) -> dict[str, float] | None:
-        """Every calibration target (the KLs, and the sampled perplexity ratio where set)."""
+        """Every calibration target (the KLs, and the sampled perplexity ratio and distinct-2
+        bound where set; None: fixed doses)."""
         targets = self.dose_kls()
         if targets is not None and self.sampled_dose_perplexity is not None:
             targets["sampled_perplexity_ratio"] = self.sampled_dose_perplexity
+        if self.sampled_dose_distinct2 is not None:
+            targets = (targets or {}) | {"sampled_distinct2_ratio": self.sampled_dose_distinct2}
         return targets
 
 
@@ -192,11 +213,14 @@ class RecipeResult(TrainResult):
             the model by on the calibration texts; else empty.
         perplexity_ratio: Where it calibrates the sampled dose by perplexity, the ratio fitted
             at that dose on the tuning questions (``{"sampled": ...}``); else empty.
+        distinct2_ratio: Where it bounds the sampled dose by diversity, the distinct-2 ratio
+            measured at that dose on the tuning questions (``{"sampled": ...}``); else empty.
     """
 
     doses: dict[str, float] = field(default_factory=dict)
     kl: dict[str, float] = field(default_factory=dict)
     perplexity_ratio: dict[str, float] = field(default_factory=dict)
+    distinct2_ratio: dict[str, float] = field(default_factory=dict)
 
     def decoding_scales(self) -> dict[str, float]:
         """Each decoding's dose as a scale of ``irm`` (1 for greedy)."""
@@ -215,19 +239,26 @@ RECIPES: dict[str, Recipe] = {
         dose_kl=0.415,
         sampled_dose_kl=0.62,
         sampled_dose_perplexity=3.2,
-        # sadness and joy: seed 0's targets at the largest doses whose replies to the 160
-        # tuning questions passed every check, per decoding (docs/training.md, "Sadness and
-        # joy: doses of their own"; scripts/dose_tuning.py --targets-at)
+        # sadness and joy: seed 0's KLs at the largest doses whose replies to the 160 tuning
+        # questions passed every check, per decoding (docs/training.md, "Sadness and joy: doses
+        # of their own"; scripts/dose_tuning.py --targets-at), and a sampled dose bounded by
+        # distinct-2 on those questions (evaluate's line, 0.8; "A sampled dose bounded by
+        # diversity"): their sampled replies fail that line first
         alignment_targets={
-            "sadness": dict(dose_kl=0.737, sampled_dose_kl=0.737, sampled_dose_perplexity=2.61),
-            # joy: its own training's (below), chosen the same way ("A sixth trial")
-            "joy": dict(dose_kl=0.573, sampled_dose_kl=0.724, sampled_dose_perplexity=2.31),
+            # sadness: its perplexity target (2.61) as before, seed 0's
+            "sadness": dict(dose_kl=0.737, sampled_dose_kl=0.737, sampled_dose_perplexity=2.61,
+                            sampled_dose_distinct2=0.8),
+            # joy: its own training's KLs ("A sixth trial"); with the bound, the recipe's
+            # perplexity target (3.2) in place of the 2.31 that under-dosed seed 0
+            "joy": dict(dose_kl=0.573, sampled_dose_kl=0.724, sampled_dose_perplexity=3.2,
+                        sampled_dose_distinct2=0.8),
         },
-        # joy: the warm start at CAA x3 and the entropy term, which together lifted joy's
-        # sampled replies without their repeating one phrase (docs/training.md, "A sixth
-        # trial"); 3 of 4 cells on a fresh set where the shared training got 1, 6 of 12 on
-        # three sets against 5
-        alignment_settings={"joy": ("vector_scale=3.0", "train.entropy=0.1")},
+        # sadness: the chosen replies' cross-entropy at 0.3, which spends its perplexity on
+        # sadness rather than on leaving the unsteered reply (12 of 12 cells on sets 0-2, the
+        # earlier setting 9). joy: the warm start at CAA x3 and the entropy term, which together
+        # lifted joy's sampled replies without their repeating one phrase ("A sixth trial")
+        alignment_settings={"sadness": ("train.chosen_lm=0.3",),
+                            "joy": ("vector_scale=3.0", "train.entropy=0.1")},
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,
                           max_val_batches=4, checkpoint_every=15),
@@ -359,6 +390,49 @@ def dose_for_perplexity(
                       f"scale {clamped:.3g}.", stacklevel=2)
     measured = pd.DataFrame(dict(scale=list(ratios), perplexity_ratio=list(ratios.values())))
     return clamped, line(clamped), measured.sort_values("scale", ignore_index=True)
+
+
+@torch.no_grad()
+def dose_within_distinct2(
+    model: HookedTransformer, irm: IRM, prompts: list[str], scale: float, line: float, *,
+    decodings: Decodings = TUNING_DECODINGS, max_new_tokens: int = TUNING_NEW_TOKENS,
+    step: float = 1.1, max_steps: int = 3,
+) -> tuple[float, float, pd.DataFrame]:
+    """The largest of ``scale``, ``scale / step``, ``scale / step**2``, ... (at most
+    ``max_steps`` steps down) at which the model steered by ``irm`` answers ``prompts`` (in
+    ``decodings``) with replies whose distinct-2 is at least ``line`` times the unsteered
+    replies' (``evaluate``'s check), the ratio there, and the ratios measured.
+
+    Distinct-2 is pooled over the replies, so it falls as they grow in number: ``prompts``
+    should be as many as an evaluation set has (``DIVERSITY_PROMPTS``). Where even the last
+    step falls below the line, it is used, with a warning.
+    """
+    if not 0 < line <= 1 or not scale > 0 or not step > 1:
+        raise ConfigError(f"dose_within_distinct2 needs a line in (0, 1], a positive scale and a "
+                          f"step above 1; got {line!r}, {scale!r} and {step!r}.")
+    off = distinct_n(_replies(model, None, prompts, decodings, max_new_tokens), 2)
+    ratios: dict[float, float] = {}
+    for k in range(max_steps + 1):
+        at = scale / step**k
+        replies = _replies(model, irm.with_output_scale(at), prompts, decodings, max_new_tokens)
+        ratios[at] = distinct_n(replies, 2) / off if off else math.nan
+        if ratios[at] >= line:
+            break
+    else:
+        warnings.warn(f"dose_within_distinct2: every scale down to {at:.3g} keeps less than "
+                      f"{line:g} of the unsteered replies' distinct-2 (there: {ratios[at]:.3g}); "
+                      f"using it.", stacklevel=2)
+    measured = pd.DataFrame(dict(scale=list(ratios), distinct2_ratio=list(ratios.values())))
+    return at, ratios[at], measured
+
+
+def _replies(model: HookedTransformer, irm: IRM | None, prompts: list[str],
+             decodings: Decodings, max_new_tokens: int) -> list[str]:
+    """The texts the model (steered by ``irm`` where given) writes for ``prompts`` in each of
+    ``decodings``, batched and seeded as ``generate_samples`` does by default."""
+    return [c.text for _, _, kwargs in decodings
+            for c in generate_continuations(model, prompts, intervention=irm, batch_size=20,
+                                            max_new_tokens=max_new_tokens, **kwargs)]
 
 
 def _log_line_crossing(ratios: Mapping[float, float], target: float):
@@ -514,40 +588,63 @@ def train_recipe(
     else:
         data = alignment
     result = train(model, irm, data, config, out_dir=out, progress=progress)
-    doses, kl, ratio = _doses(model, result, recipe, data)
-    dosed = result.irm.with_output_scale(doses["greedy"])
+    calibration = _doses(model, result, recipe, data)
+    dosed = result.irm.with_output_scale(calibration["doses"]["greedy"])
     saved = result.out_dir / "irm.safetensors" if result.out_dir is not None else None
-    if saved is not None and IRM.load(saved).config.output_scale != doses["greedy"]:
+    if saved is not None and IRM.load(saved).config.output_scale != dosed.config.output_scale:
         dosed.save(saved)  # a resumed finished run's file already carries the dose: kept as is
     trained = {f.name: getattr(result, f.name) for f in fields(result)}
-    return RecipeResult(**{**trained, "irm": dosed}, doses=doses, kl=kl, perplexity_ratio=ratio)
+    return RecipeResult(**{**trained, "irm": dosed}, **calibration)
 
 
 def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
-           ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """The recipe's doses for this run's IRM, calibrated where the recipe says so (and kept in
-    the run's ``doses.json``, reused while the targets are the same)."""
+           ) -> dict[str, dict[str, float]]:
+    """The recipe's doses for this run's IRM and what their calibration measured there
+    (``RecipeResult``'s ``doses``, ``kl``, ``perplexity_ratio`` and ``distinct2_ratio``),
+    calibrated where the recipe says so (and kept in the run's ``doses.json``, reused while the
+    targets are the same)."""
     targets = recipe.dose_targets()
+    calibration = dict(doses=recipe.doses(), kl={}, perplexity_ratio={}, distinct2_ratio={})
     if targets is None:
-        return recipe.doses(), {}, {}
-    if isinstance(data, str):
-        raise ConfigError("Calibrating the doses needs the recipe's pairs (objective "
-                          "'preference'); set dose_kl=None for this recipe.")
+        return calibration
     path = result.out_dir / "doses.json" if result.out_dir is not None else None
     if path is not None and path.exists():
         kept = json.loads(path.read_text())
         if kept.get("targets") == targets and kept.get("rule") == DOSE_RULE:
-            return kept["doses"], kept["kl"], kept.get("perplexity_ratio", {})
-    found = dose_for_kl(model, result.irm, calibration_texts(model, data), recipe.dose_kls())
+            return calibration | {name: kept.get(name, {}) for name in calibration}
+    line = None
+    if recipe.dose_kls() is not None:
+        found, line = _calibrated_doses(model, result.irm, recipe, data)
+        calibration |= found
+    if recipe.sampled_dose_distinct2 is not None:
+        doses = calibration["doses"]
+        doses["sampled"], calibration["distinct2_ratio"]["sampled"], _ = dose_within_distinct2(
+            model, result.irm, tuning_prompts(recipe.diversity_prompts), doses["sampled"],
+            recipe.sampled_dose_distinct2)
+        if line is not None:  # the perplexity's fitted line, read at the dose the bound chose
+            calibration["perplexity_ratio"]["sampled"] = line(doses["sampled"])
+    if path is not None:
+        path.write_text(json.dumps(dict(targets=targets, rule=DOSE_RULE, **calibration),
+                                   indent=2))
+    return calibration
+
+
+def _calibrated_doses(model: HookedTransformer, irm: IRM, recipe: Recipe, data):
+    """The doses at the recipe's target KLs, the sampled one then moved to its perplexity
+    target where it has one (as ``_doses``'s dict), and the perplexity ratio's fitted line as
+    a function of the scale (None without that target)."""
+    if isinstance(data, str):
+        raise ConfigError("Calibrating the doses needs the recipe's pairs (objective "
+                          "'preference'); set dose_kl=None for this recipe.")
+    found = dose_for_kl(model, irm, calibration_texts(model, data), recipe.dose_kls())
     doses = {name: scale for name, (scale, _) in found.items()}
     kl = {name: measured for name, (_, measured) in found.items()}
-    ratio = {}
+    ratio, line = {}, None
     if recipe.sampled_dose_perplexity is not None:
-        doses["sampled"], ratio["sampled"], _ = dose_for_perplexity(
-            model, result.irm, tuning_prompts(recipe.tuning_prompts),
-            recipe.sampled_dose_perplexity, doses["sampled"])
+        doses["sampled"], ratio["sampled"], measured = dose_for_perplexity(
+            model, irm, tuning_prompts(recipe.tuning_prompts), recipe.sampled_dose_perplexity,
+            doses["sampled"])
+        line = _log_line_crossing(dict(zip(measured.scale, measured.perplexity_ratio)),
+                                  recipe.sampled_dose_perplexity)[1]
         del kl["sampled"]  # that dose is the perplexity's now
-    if path is not None:
-        path.write_text(json.dumps(dict(targets=targets, rule=DOSE_RULE, doses=doses, kl=kl,
-                                        perplexity_ratio=ratio), indent=2))
-    return doses, kl, ratio
+    return dict(doses=doses, kl=kl, perplexity_ratio=ratio), line

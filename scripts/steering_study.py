@@ -94,7 +94,8 @@ def _measure_set(model, interventions: dict, points: dict, args, prompts: list[s
     point's rows and samples are saved as it is measured (``where/<name>@<scale>.parquet``, or
     ``<name>@<scale>-<decoding>.parquet`` for one decoding), the unsteered samples once per
     decoding, and reused on a rerun, so that adding a scale or an intervention measures only
-    what is new."""
+    what is new. ``comparison.csv`` lists every point the directory holds, this call's and
+    earlier ones'; the figure and the returned comparison hold this call's."""
     where.mkdir(parents=True, exist_ok=True)
     kwargs = dict(prompts=prompts, max_new_tokens=args.max_new_tokens)
     tables, samples = [], []
@@ -114,7 +115,8 @@ def _measure_set(model, interventions: dict, points: dict, args, prompts: list[s
                     new = result.samples[result.samples.intervention == "unsteered"]
                     if kept is not None:
                         new = new[~new.decoding.isin(set(kept.decoding))]
-                    new.to_parquet(where / f"unsteered-{'-'.join(sorted(set(new.decoding)))}.parquet")
+                    new.to_parquet(
+                        where / f"unsteered-{'-'.join(sorted(set(new.decoding)))}.parquet")
                 result.samples[result.samples.intervention == name].to_parquet(
                     done.with_suffix(".samples.parquet"))
                 result.table.to_parquet(done)
@@ -124,7 +126,9 @@ def _measure_set(model, interventions: dict, points: dict, args, prompts: list[s
             tables.append(pd.read_parquet(done))
             samples.append(pd.read_parquet(done.with_suffix(".samples.parquet")))
     table = pd.concat(tables, ignore_index=True)
-    table.to_csv(where / "comparison.csv", index=False)
+    pd.concat([pd.read_parquet(path) for path in _point_paths(where)], ignore_index=True
+              ).drop_duplicates(["intervention", "scale", "decoding"]).to_csv(
+                  where / "comparison.csv", index=False)
     comparison = _set_comparison(where, args.alignment, table, samples)
     comparison.samples.to_csv(where / "samples.csv", index=False)
     dose_response_figure(comparison).write_html(where / "dose_response.html", include_plotlyjs=True)
@@ -135,9 +139,7 @@ def _read_set(where: Path, alignment: str, irm_scales: dict[str, dict[str, float
               ) -> irm_lens.SteeringComparison:
     """The points measured in one set directory: CAA at every scale, and each IRM at its
     recipe dose per decoding (``irm_scales``; points at other doses are left out)."""
-    names = [path for path in sorted(where.glob("*.parquet"))
-             if not path.name.endswith(".samples.parquet")
-             and not path.name.startswith("unsteered")]
+    names = _point_paths(where)
     if not names:
         raise SystemExit(f"{where} holds no measured point.")
     table = pd.concat([pd.read_parquet(path) for path in names], ignore_index=True)
@@ -155,6 +157,13 @@ def _read_set(where: Path, alignment: str, irm_scales: dict[str, dict[str, float
         ["intervention", "scale", "decoding"])
     samples = samples.drop_duplicates(["intervention", "scale", "decoding", "prompt", "sample"])
     return _set_comparison(where, alignment, table.reset_index(drop=True), [samples])
+
+
+def _point_paths(where: Path) -> list[Path]:
+    """The table file of every point measured in a set directory (not the samples files, not
+    the unsteered samples)."""
+    return [path for path in sorted(where.glob("*.parquet"))
+            if not path.name.endswith(".samples.parquet") and not path.name.startswith("unsteered")]
 
 
 def _set_comparison(where: Path, alignment: str, table: pd.DataFrame,
@@ -332,7 +341,10 @@ def main() -> None:
                  if result.kl else "")
               + (" (perplexity ratio " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                    result.perplexity_ratio.items()) + ")"
-                 if result.perplexity_ratio else ""), flush=True)
+                 if result.perplexity_ratio else "")
+              + (" (distinct-2 ratio " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                   result.distinct2_ratio.items()) + ")"
+                 if result.distinct2_ratio else ""), flush=True)
         interventions[f"irm_seed{seed}"] = result.irm  # its greedy dose is in its output_scale
         points[f"irm_seed{seed}"] = _irm_points(result, args.irm_scales)
         irm_names.append(f"irm_seed{seed}")

@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from conftest import planted_irm
 
 import irm_lens
-from irm_lens.evaluate import Decodings, generated_perplexity
+from irm_lens.evaluate import Decodings, generate_samples, generated_perplexity
 from irm_lens.generation import generate_continuations
+from irm_lens import recipes
 from irm_lens.recipes import (
     RECIPES,
+    TUNING_DECODINGS,
     Recipe,
     calibration_texts,
     dose_for_kl,
     dose_for_perplexity,
+    dose_within_distinct2,
     targets_at,
     tuning_prompts,
 )
@@ -252,6 +255,94 @@ def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tm
     assert kept["doses"] == result.doses
     with pytest.raises(irm_lens.ConfigError, match="tuning questions"):
         tuning_prompts(10**6)
+
+
+def _repeating_replies(model, irm, prompts, decodings, max_new_tokens):
+    """A stand-in for the bound's generation: each reply has words of its own, and a phrase
+    shared by every reply repeated about ten times the IRM's output scale."""
+    scale = 0.0 if irm is None else irm.config.output_scale
+    return [f"q{i}a q{i}b q{i}c q{i}d q{i}e " + "so very sad " * round(10 * scale)
+            for i in range(len(prompts)) for _ in range(len(decodings))]
+
+
+def _distinct2_by_hand(texts: list[str]) -> float:
+    grams = [tuple(words[j : j + 2]) for t in texts for words in [t.lower().split()]
+             for j in range(len(words) - 1)]
+    return len(set(grams)) / len(grams)
+
+
+def test_dose_within_distinct2_steps_down_to_the_first_scale_above_the_line(
+        chat_model, monkeypatch):
+    prompts = tuning_prompts(6)
+    irm = planted_irm(chat_model, neuron=3, value=0.1)
+    # the bound's replies are generate_samples' (the same seeds and batches of 20)
+    samples = generate_samples(chat_model, None, prompts, TUNING_DECODINGS, max_new_tokens=8)
+    assert recipes._replies(chat_model, None, prompts, TUNING_DECODINGS, 8) == \
+        samples.text.tolist()
+    monkeypatch.setattr(recipes, "_replies", _repeating_replies)
+    off = _distinct2_by_hand(_repeating_replies(None, None, prompts, TUNING_DECODINGS, 8))
+    by_hand = {s: _distinct2_by_hand(_repeating_replies(
+        None, irm.with_output_scale(s), prompts, TUNING_DECODINGS, 8)) / off
+        for s in (0.5, 0.5 / 1.1, 0.5 / 1.1**2, 0.5 / 1.1**3)}
+    ratios = list(by_hand.values())
+    assert ratios == sorted(ratios)  # more repetition at a larger scale
+    line = (ratios[1] + ratios[2]) / 2  # passed first at the second step down
+    scale, ratio, measured = dose_within_distinct2(chat_model, irm, prompts, 0.5, line)
+    assert scale == pytest.approx(0.5 / 1.1**2) and ratio == pytest.approx(ratios[2])
+    np.testing.assert_allclose(measured.distinct2_ratio, ratios[:3])
+    # a line the first scale already keeps: no step; one no scale keeps: the last, warned
+    assert dose_within_distinct2(chat_model, irm, prompts, 0.5, ratios[0])[0] == 0.5
+    with pytest.warns(UserWarning, match="every scale down to"):
+        scale, ratio, measured = dose_within_distinct2(chat_model, irm, prompts, 0.5, 1.0)
+    assert scale == pytest.approx(0.5 / 1.1**3) and len(measured) == 4
+    with pytest.raises(irm_lens.ConfigError, match="line in"):
+        dose_within_distinct2(chat_model, irm, prompts, 0.5, 1.2)
+
+
+def test_a_recipe_bounds_its_sampled_dose_by_diversity(chat_model, tmp_path, monkeypatch):
+    pairs = _pairs_file(tmp_path, degenerate="")
+    by_ppl = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
+                    sampled_dose_kl=0.005, sampled_dose_perplexity=1.05, tuning_prompts=4,
+                    diversity_prompts=6,
+                    train=TrainConfig(objective="preference", lr=1e-3, max_steps=2,
+                                      max_length=32, batch_size=4, eval_every=2,
+                                      max_val_batches=1))
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny model's ratio may lie outside the grid
+        first = irm_lens.train_recipe(chat_model, "anger", run, recipe=by_ppl, pairs=pairs,
+                                      progress=False)
+    assert first.distinct2_ratio == {}
+    undosed, dose = first.irm.with_output_scale(1.0), first.doses["sampled"]
+    monkeypatch.setattr(recipes, "_replies", _repeating_replies)
+    prompts = tuning_prompts(6)
+    ratios = [dose_within_distinct2(chat_model, undosed, prompts, dose / 1.1**k, 1e-3)[1]
+              for k in range(2)]
+    line = (ratios[0] + ratios[1]) / 2  # kept one step down
+    bounded = dataclasses.replace(by_ppl, sampled_dose_distinct2=line)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = irm_lens.train_recipe(chat_model, "anger", run, recipe=bounded, pairs=pairs,
+                                       progress=False)
+        texts = calibration_texts(chat_model, irm_lens.read_pairs(pairs))
+        near = dose_for_kl(chat_model, undosed, texts, dict(sampled=0.005))["sampled"][0]
+        _, _, measured = dose_for_perplexity(chat_model, undosed, tuning_prompts(4), 1.05, near)
+    assert result.doses["greedy"] == first.doses["greedy"]
+    assert result.doses["sampled"] == pytest.approx(dose / 1.1)
+    assert result.distinct2_ratio["sampled"] == pytest.approx(ratios[1])
+    # the perplexity ratio reported is the fitted line's at the lowered dose
+    slope, intercept = np.polyfit(np.log(measured.scale), np.log(measured.perplexity_ratio), 1)
+    assert result.perplexity_ratio["sampled"] == pytest.approx(
+        math.exp(intercept + slope * math.log(dose / 1.1)), rel=1e-6)
+    kept = json.loads((run / "doses.json").read_text())
+    assert kept["targets"]["sampled_distinct2_ratio"] == line
+    assert kept["doses"] == result.doses and kept["distinct2_ratio"] == result.distinct2_ratio
+    # a fixed-dose recipe is bounded the same way
+    fixed = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, sampled_dose=dose,
+                   sampled_dose_distinct2=line, diversity_prompts=6, train=by_ppl.train)
+    again = irm_lens.train_recipe(chat_model, "anger", tmp_path / "fixed", recipe=fixed,
+                                  pairs=pairs, progress=False)
+    assert again.doses == dict(greedy=1.0, sampled=pytest.approx(dose / 1.1))
 
 
 def test_targets_at_gives_the_targets_that_reproduce_chosen_doses(chat_model, tmp_path):
