@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import planted_irm
 
 import irm_lens
+from irm_lens import recipes
 from irm_lens.evaluate import Decodings, generate_samples, generated_perplexity
 from irm_lens.generation import generate_continuations
-from irm_lens import recipes
 from irm_lens.recipes import (
     RECIPES,
     TUNING_DECODINGS,
