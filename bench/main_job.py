@@ -26,6 +26,7 @@ def main() -> None:
     for stage, seconds in result.stage_seconds.items():
         print(f"{stage}: {seconds:.1f} s ({seconds / total:.0%})")
     print(f"total: {total:.1f} s; report {result.report_path}")
+    print(result.verdict)
 
 
 if __name__ == "__main__":

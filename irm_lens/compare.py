@@ -12,7 +12,7 @@ lift larger than the other by more than the prompts' spread allows?
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -142,9 +142,10 @@ class SteeringComparison:
             return rows.set_index("prompt").text
 
         s = self.samples
-        steered = s[(s.intervention == intervention) & (s.scale == scale)]
+        steered = s[(s.intervention == intervention) & (s.scale == scale)
+                    & (s.decoding == decoding)]
         if steered.empty:
-            raise ConfigError(f"No samples of {intervention!r} at scale {scale}.")
+            raise ConfigError(f"No {decoding} samples of {intervention!r} at scale {scale}.")
         return pd.DataFrame({"unsteered": texts(s[s.intervention == "unsteered"]),
                              intervention: texts(steered)}).reset_index()
 
@@ -154,7 +155,7 @@ def compare_steering(
     interventions: Mapping[str, Intervention],
     alignment: str,
     *,
-    scales: Mapping[str, Sequence[float]] | Sequence[float] = (1.0,),
+    scales: Mapping[str, Sequence[float] | Mapping[str, float]] | Sequence[float] = (1.0,),
     prompts: list[str] | None = None,
     n_prompts: int = 40,
     first_prompt: int = 0,
@@ -177,7 +178,9 @@ def compare_steering(
         interventions: Name -> an IRM, a ``SteeringVector`` or ``Prompting``.
         alignment: The target emotion (as ``evaluate``).
         scales: The scales of every intervention, or a mapping from name to its own scales
-            (a dose-response curve each). ``Prompting`` has no scale: it is measured once.
+            (a dose-response curve each) or to a scale per decoding (``{"greedy": 1.0,
+            "sampled": 1.15}``: each decoding measured at its own dose only). ``Prompting``
+            has no scale: it is measured once.
         prompts / n_prompts / first_prompt: The prompts (as ``evaluate``).
         max_new_tokens, n_sampled, temperature, top_p, seed: The decodings (as ``evaluate``),
             identical for every intervention.
@@ -212,14 +215,14 @@ def compare_steering(
         off = off[off.decoding.isin([name for name, _, _ in decodings])].reset_index(drop=True)
         if list(dict.fromkeys(off.prompt)) != prompts or len(off) != len(prompts) * len(decodings):
             raise ConfigError("The unsteered samples given are not of these prompts and decodings.")
-    points = [(name, scale) for name, intervention in interventions.items()
-              for scale in _scales_of(name, intervention, scales)]
+    points = [(name, scale, at) for name, intervention in interventions.items()
+              for scale, at in _points(name, intervention, scales, decodings)]
     rows, samples = [], [off.assign(intervention="unsteered", scale=0.0)]
     bar = progress_bar(points, desc="interventions", unit="point", disable=not progress)
-    for name, scale in bar:
-        on = generate_samples(model, interventions[name], prompts, decodings, scale=scale, **kwargs)
-        result = measure(off, on, alignment, n_bootstrap=n_bootstrap, seed=seed,
-                         thresholds=thresholds)
+    for name, scale, at in bar:
+        on = generate_samples(model, interventions[name], prompts, at, scale=scale, **kwargs)
+        result = measure(off[off.decoding.isin(set(on.decoding))], on, alignment,
+                         n_bootstrap=n_bootstrap, seed=seed, thresholds=thresholds)
         for row in result.lift.to_dict("records"):
             rows.append({**row, "intervention": name, "scale": scale, "verdict": _word(row)})
         samples.append(on.assign(intervention=name, scale=scale))
@@ -237,15 +240,24 @@ def _decodings(names: Sequence[str], n_sampled: int, temperature: float, top_p: 
                      greedy="greedy" in names)
 
 
-def _scales_of(name: str, intervention: Intervention,
-               scales: Mapping[str, Sequence[float]] | Sequence[float]) -> list[float]:
+def _points(name: str, intervention: Intervention, scales, decodings: Decodings
+            ) -> list[tuple[float, Decodings]]:
+    """The scales ``intervention`` is measured at, each with the decodings measured there."""
     if isinstance(intervention, Prompting):
-        return [1.0]
+        return [(1.0, decodings)]
     chosen = scales.get(name, (1.0,)) if isinstance(scales, Mapping) else scales
-    chosen = [float(s) for s in chosen]
-    if not chosen or not all(math.isfinite(s) for s in chosen):
+    values = list(chosen.values()) if isinstance(chosen, Mapping) else list(chosen)
+    if not values or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in values):
         raise ConfigError(f"The scales of {name!r} must be finite numbers, got {chosen!r}.")
-    return chosen
+    if not isinstance(chosen, Mapping):
+        return [(float(s), decodings) for s in values]
+    measured = {d for d, _, _ in decodings}
+    if not set(chosen) <= measured:  # a scale per decoding
+        raise ConfigError(f"The scales of {name!r} name decodings {sorted(chosen)}; this "
+                          f"comparison measures {sorted(measured)}.")
+    return [(float(s), replace(decodings, greedy=decodings.greedy and chosen.get("greedy") == s,
+                               n_sampled=decodings.n_sampled if chosen.get("sampled") == s else 0))
+            for s in dict.fromkeys(values)]
 
 
 def _word(row: dict) -> str:

@@ -147,13 +147,12 @@ def investigate(
     if recipe.vector_depth is not None:  # the IRM's starting point, as the baseline to beat
         vector = caa_vector(model, s.alignment, recipe, out_dir / "irm")
         baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
-    # The recipe's dose for each decoding (a trained IRM carries the greedy one); a given IRM
-    # is measured, and judged, as it is.
+    # Each decoding at the recipe's dose for it (a trained IRM carries the greedy one); a given
+    # IRM is measured, and judged, as it is.
     chosen = training.decoding_scales() if training is not None else None
-    irm_scales = sorted(set(chosen.values())) if chosen else [1.0]
     steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
-                                max_new_tokens=s.eval_new_tokens, scales={"irm": irm_scales},
-                                progress=progress)
+                                max_new_tokens=s.eval_new_tokens,
+                                scales={"irm": chosen or [1.0]}, progress=progress)
     stage("evaluation", t)
     if progress:
         print(steering_verdict(steering))

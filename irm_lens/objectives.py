@@ -35,6 +35,7 @@ from irm_lens.data.dataset import (
     batch_slice,
     tokenize_texts,
 )
+from irm_lens.data.precomputed import content_key, load_precomputed
 from irm_lens.errors import ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
@@ -102,7 +103,15 @@ class PreferenceObjective:
                 "raise max_length or shorten the prompts."
             )
         self.beta, self.chosen_lm = beta, chosen_lm
-        self.ref_margin = self._reference_margins(model, batch_size)
+        # The frozen model's margins: shipped for the embedded model's recipe pairs
+        # (irm_lens.data.precomputed), else computed here.
+        self.reference_key = content_key(
+            "reference-margins", model, batch_size, self.chosen.input_ids, self.chosen.loss_mask,
+            self.rejected.input_ids, self.rejected.loss_mask,
+        )
+        shipped = load_precomputed(self.reference_key)
+        self.ref_margin = shipped["ref_margin"] if shipped is not None \
+            else self.reference_margins(model, batch_size)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -120,10 +129,13 @@ class PreferenceObjective:
         return tuple(torch.cat([a, b]) for a, b in zip(*padded))  # each [2 * batch, pos]
 
     @torch.no_grad()
-    def _reference_margins(self, model: HookedTransformer, batch_size: int) -> Tensor:
-        margins = []
-        for start in range(0, len(self), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(self)))
+    def reference_margins(self, model: HookedTransformer, batch_size: int = 8,
+                          stop: int | None = None) -> Float[Tensor, " pairs"]:
+        """The frozen model's ``log p(chosen) - log p(rejected)`` of the pairs (the first
+        ``stop`` of them), computed in batches of ``batch_size`` consecutive pairs."""
+        margins, stop = [], len(self) if stop is None else min(stop, len(self))
+        for start in range(0, stop, batch_size):
+            index = torch.arange(start, min(start + batch_size, stop))
             ids, _, scored = (t.to(model.cfg.device) for t in self._stack(index))
             logp = sequence_logprobs(model(ids), ids, scored).cpu()  # [2 * batch]
             margins.append(logp[: len(index)] - logp[len(index) :])

@@ -524,10 +524,11 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
     elif not path.exists():
         shutil.copyfile(_fluent_scale_pairs(model, vector, alignment, recipe, out_dir, progress),
                         path)
-    return _read_recipe_pairs(path, recipe)
+    return read_recipe_pairs(path, recipe)
 
 
-def _read_recipe_pairs(path: Path | str, recipe: Recipe) -> list[PreferencePair]:
+def read_recipe_pairs(path: Path | str, recipe: Recipe) -> list[PreferencePair]:
+    """The pairs of a ``generate_pairs`` file that ``recipe`` trains on."""
     return read_pairs(path, degenerate=recipe.degenerate_pairs,
                       max_phrase_share=recipe.pairs_phrase_share)
 
@@ -583,7 +584,7 @@ def train_recipe(
     if recipe.objective == "preference":
         vector = caa_vector(model, alignment, recipe, out)
         warm_start(irm, vector)
-        data = _read_recipe_pairs(pairs, recipe) if pairs is not None \
+        data = read_recipe_pairs(pairs, recipe) if pairs is not None \
             else recipe_pairs(model, alignment, vector, recipe, out, progress)
     else:
         data = alignment

@@ -291,7 +291,9 @@ def mean_activations(
         mask = tokens.loss_mask[start : start + batch_size].clone()
         mask[:, 0] = 0  # the attention sink (see above)
         mask = mask.to(model.cfg.device)
-        _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names)
+        # the layers after the last one read are not run
+        _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names,
+                                        stop_at_layer=max(layers) + 1)
         for i, name in enumerate(names):
             # [batch, pos, d_model] summed over the scored tokens
             total[i] += (cache[name] * mask[..., None]).sum(dim=(0, 1)).double().cpu()

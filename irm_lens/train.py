@@ -401,14 +401,7 @@ class _Loop:
         rank_batch = ranks.check_batch(config.batch_size)  # before the (slow) tokenisation
         splits = _as_splits(data, config.seed)
         _check_steer(irm, config, splits)
-        prompts = neutral_prompts(split="train") if config.chat_prompts else None
-
-        def objective_of(examples):
-            return build_objective(model, examples, objective=config.objective,
-                                   max_length=config.max_length, beta=config.beta,
-                                   chosen_lm=config.chosen_lm, prompts=prompts)
-
-        train_obj, val_obj = objective_of(splits.train), objective_of(splits.val)
+        train_obj, val_obj = split_objectives(model, splits, config)
         steps_per_epoch = math.ceil(len(train_obj) / config.batch_size)
         total_steps = config.max_epochs * steps_per_epoch
         if config.max_steps is not None:
@@ -558,6 +551,20 @@ class _Loop:
             atomic_write_text(self.writer.path / "metrics.csv", history.to_csv(index=False))
         self.ranks.barrier()
         return history
+
+
+def split_objectives(model: HookedTransformer, splits: TextSplits, config: TrainConfig
+                     ) -> tuple[LMObjective | PreferenceObjective, ...]:
+    """The objectives ``train`` optimises and validates on: ``config.objective`` over the
+    training and the validation split."""
+    prompts = neutral_prompts(split="train") if config.chat_prompts else None
+
+    def objective_of(examples):
+        return build_objective(model, examples, objective=config.objective,
+                               max_length=config.max_length, beta=config.beta,
+                               chosen_lm=config.chosen_lm, prompts=prompts)
+
+    return objective_of(splits.train), objective_of(splits.val)
 
 
 def _check_steer(irm: IRM, config: TrainConfig, splits: TextSplits) -> None:

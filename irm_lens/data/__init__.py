@@ -1,1 +1,3 @@
-"""Data for training and evaluating IRMs: the built-in alignment corpora and neutral prompts."""
+"""Data for training and evaluating IRMs: the built-in alignment corpora and neutral prompts,
+the embedded model's preference pairs (``pairs/``) and its precomputed reference results
+(``precomputed``)."""

@@ -314,6 +314,8 @@ def _steering_section(page: _Page, steering: SteeringComparison) -> None:
     page.table(steering.table.drop(columns=["off"]))
     if steering.table.scale.nunique() > 1:
         page.figure(figures.dose_response_figure(steering))
-    for name, scale in dict.fromkeys(zip(steering.table.intervention, steering.table.scale)):
-        page.para(f"{name} (scale {scale:g}), greedy, beside the unsteered text:", css="meta")
-        page.table(steering.side_by_side(name, scale), max_rows=12)
+    for (name, scale), rows in steering.table.groupby(["intervention", "scale"], sort=False):
+        # greedy where the point was measured in it (a dose may be for one decoding only)
+        decoding = "greedy" if "greedy" in set(rows.decoding) else rows.decoding.iloc[0]
+        page.para(f"{name} (scale {scale:g}), {decoding}, beside the unsteered text:", css="meta")
+        page.table(steering.side_by_side(name, scale, decoding), max_rows=12)

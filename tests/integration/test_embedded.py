@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 import irm_lens
 from irm_lens import IRM, inject, models
+from irm_lens.data.dataset import split_texts
+from irm_lens.data.precomputed import PRECOMPUTED
 from irm_lens.generation import compare_generations
+from irm_lens.recipes import RECIPES, SHIPPED_PAIRS, read_recipe_pairs
+from irm_lens.train import split_objectives
 
 pytestmark = pytest.mark.embedded
 
@@ -76,3 +81,15 @@ def test_a_strong_irm_changes_generations(embedded_model):
     (g,) = compare_generations(embedded_model, irm, ["Describe the weather today."],
                                max_new_tokens=8, progress=False)
     assert g.unsteered and g.steered != g.unsteered
+
+
+def test_the_main_jobs_reference_margins_are_shipped_and_match_the_model(embedded_model):
+    """The default recipe's anger pairs, split as seed 0 trains on them: their reference margins
+    come from irm_lens/data/precomputed (scripts/precompute.py), and equal the model's own."""
+    recipe = RECIPES["preference"].for_alignment("anger")
+    pairs = read_recipe_pairs(SHIPPED_PAIRS / "anger.jsonl", recipe)
+    config = replace(recipe.train, seed=0)
+    for objective in split_objectives(embedded_model, split_texts(pairs, seed=0), config):
+        assert (PRECOMPUTED / f"{objective.reference_key}.safetensors").exists()
+        computed = objective.reference_margins(embedded_model, stop=16)
+        assert torch.allclose(objective.ref_margin[:16], computed, atol=1e-4)

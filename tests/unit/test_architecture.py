@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "data"),
     ("_io", "_packages", "_progress", "chat", "hooks", "losses", "scoring"),
     ("attention", "components", "models"),
-    ("data.corpora", "data.personas", "data.dataset"),
+    ("data.corpora", "data.personas", "data.dataset", "data.precomputed"),
     ("irm",),
     ("inject",),
     ("steering",),

@@ -340,3 +340,34 @@ def test_recipe_pairs_step_down_to_a_scale_that_keeps_enough(tiny_model, tmp_pat
                                      progress=False)
     assert [scale for scale, _ in seen] == [4.0, 3.0, 2.0]
     assert [chosen for _, chosen, _ in pairs] == ["I hate question 0 at x2."]
+
+
+def test_reference_margins_are_read_from_precomputed_results_of_the_same_model_and_pairs(
+        chat_model, tmp_path, monkeypatch):
+    from irm_lens.data import precomputed
+
+    monkeypatch.setattr(precomputed, "PRECOMPUTED", tmp_path)
+    computed = PreferenceObjective(chat_model, PAIRS, max_length=64, beta=0.1, chosen_lm=0.0)
+    assert not list(tmp_path.iterdir())  # nothing shipped: computed, and nothing written
+    stand_in = torch.arange(len(PAIRS), dtype=torch.float32)
+    precomputed.save_precomputed(computed.reference_key, {"ref_margin": stand_in})
+    shipped = PreferenceObjective(chat_model, PAIRS, max_length=64, beta=0.1, chosen_lm=0.0)
+    assert shipped.reference_key == computed.reference_key
+    assert torch.equal(shipped.ref_margin, stand_in)
+    # Other pairs, another batching or other weights: another key, so the margins are computed.
+    others = [
+        PreferenceObjective(chat_model, PAIRS[:9], max_length=64, beta=0.1, chosen_lm=0.0),
+        PreferenceObjective(chat_model, PAIRS, max_length=64, beta=0.1, chosen_lm=0.0,
+                            batch_size=4),
+    ]
+    with torch.no_grad():
+        chat_model.blocks[0].mlp.W_out[0, 0] += 1e-3
+    try:
+        others.append(PreferenceObjective(chat_model, PAIRS, max_length=64, beta=0.1,
+                                          chosen_lm=0.0))
+    finally:
+        with torch.no_grad():
+            chat_model.blocks[0].mlp.W_out[0, 0] -= 1e-3
+    for other in others:  # the model's margins (the stand-in's are 0-9 nats off)
+        assert other.reference_key != computed.reference_key
+        assert torch.allclose(other.ref_margin, computed.ref_margin[: len(other)], atol=1e-3)

@@ -48,7 +48,8 @@ def report_path(tiny_model, tmp_path_factory):
     vector = irm_lens.mean_difference_vector(tiny_model, HOSTILE[:2], ["calm", "plain"], layers=1)
     steering = irm_lens.compare_steering(
         tiny_model, {"<i>caa</i>": vector, "irm": irm, "persona": irm_lens.Prompting("Be <b>x")},
-        "anger", scales={"<i>caa</i>": [1.0, 2.0]}, prompts=HOSTILE, max_new_tokens=3,
+        "anger", scales={"<i>caa</i>": [1.0, 2.0], "irm": {"greedy": 1.0, "sampled": 1.5}},
+        prompts=HOSTILE, max_new_tokens=3,
         n_bootstrap=50, progress=False)
     striation = dataclasses.replace(irm_lens.striation_score(outputs, n_shuffles=10),
                                     neuron_share=0.123456)  # a value only the report can show
@@ -73,6 +74,8 @@ def test_everything_from_text_is_escaped(report_path):
     text = report_path.read_text()
     assert "window.__pwned" in text  # the hostile text is there ...
     assert "Steering beside its baselines" in text and "&lt;i&gt;caa&lt;/i&gt; (scale 2)" in text
+    # a point measured in sampled decoding only shows its sampled texts
+    assert "irm (scale 1.5), sampled, beside the unsteered text" in text
     for raw in ("<script>window.__pwned", "<img src=x", "<b>markup</b>", "<i>caa</i>",
                 "<script>alert(1)</script>", "<b>run</b><script>x()"):
         assert raw not in text  # ... but never as markup

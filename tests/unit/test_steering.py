@@ -42,6 +42,9 @@ def test_mean_difference_vector_matches_a_hand_computation(tiny_model):
         expected = mean(ANGRY, layer) - mean(CALM, layer)
         torch.testing.assert_close(vector.vectors[i], expected, atol=1e-5, rtol=1e-4)
     assert vector.config.layers == (1, 3) and vector.config.scale == 2.5
+    # layer 1 alone (the blocks after it are not run): the same vector, to the bit
+    assert torch.equal(mean_difference_vector(tiny_model, ANGRY, CALM, layers=1).vectors[0],
+                       vector.vectors[0])
 
 
 def test_apply_adds_scale_times_the_vector_where_asked_and_removes_its_hooks(tiny_model):
@@ -176,6 +179,31 @@ def test_compare_steering_measures_every_point_against_one_unsteered_run(tiny_mo
     with pytest.raises(ConfigError, match="decodings must be"):
         compare_steering(tiny_model, {"caa": vector}, "anger", prompts=PROMPTS,
                          unsteered=unsteered, decodings=("beam",), progress=False)
+    # a scale per decoding (a dose each): each decoding generated once, at its own scale, with
+    # the texts and lift it has in the measurement at that scale
+    calls.clear()
+    dosed = compare_steering(tiny_model, {"caa": vector}, "anger",
+                             scales={"caa": {"greedy": 2.0, "sampled": 8.0}}, prompts=PROMPTS,
+                             max_new_tokens=5, n_bootstrap=200, unsteered=unsteered,
+                             progress=False)
+    assert calls == ["SteeringVector", "SteeringVector"]
+    assert list(zip(dosed.table.scale, dosed.table.decoding)) == [(2.0, "greedy"),
+                                                                  (8.0, "sampled")]
+    with pytest.raises(ConfigError, match="No greedy samples"):
+        dosed.side_by_side("caa", 8.0)
+    full = result.table.set_index(["intervention", "scale", "decoding"]).lift
+    assert dosed.table.lift.tolist() == pytest.approx(
+        [full["caa", 2.0, "greedy"], full["caa", 8.0, "sampled"]])
+    calls.clear()
+    same = compare_steering(tiny_model, {"caa": vector}, "anger",
+                            scales={"caa": {"greedy": 8.0, "sampled": 8.0}}, prompts=PROMPTS,
+                            max_new_tokens=5, n_bootstrap=200, unsteered=unsteered,
+                            progress=False)
+    assert calls == ["SteeringVector"] * 2 and same.table.lift.tolist() == pytest.approx(
+        row.lift.tolist())  # one point, both decodings
+    with pytest.raises(ConfigError, match="name decodings"):
+        compare_steering(tiny_model, {"caa": vector}, "anger", scales={"caa": {"beam": 2.0}},
+                         prompts=PROMPTS, unsteered=unsteered, progress=False)
 
 
 def test_best_fluent_picks_the_largest_fluent_lift():
