@@ -15,6 +15,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-main")
     args = parser.parse_args()
     import irm_lens
+    from irm_lens.investigate import precomputed_summary
 
     shutil.rmtree(args.out, ignore_errors=True)
     t = time.perf_counter()
@@ -27,6 +28,7 @@ def main() -> None:
         print(f"{stage}: {seconds:.1f} s ({seconds / total:.0%})")
     print(f"total: {total:.1f} s; report {result.report_path}")
     print(result.verdict)
+    print(precomputed_summary(result.precomputed))
 
 
 if __name__ == "__main__":

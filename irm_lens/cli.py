@@ -21,6 +21,7 @@ from irm_lens.analysis.prediction import predict_dominant, validate_prediction
 from irm_lens.compare import compare_steering
 from irm_lens.data.corpora import BUILTIN_ALIGNMENTS, neutral_prompts
 from irm_lens.data.dataset import load_texts
+from irm_lens.data.precomputed import ENV_SWITCH
 from irm_lens.data.synthetic import SYNTHETIC_METHODS, generate_synthetic, read_synthetic
 from irm_lens.errors import ConfigError, IRMLensError
 from irm_lens.evaluate import evaluate
@@ -64,9 +65,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-download", action="store_true", help="let Hugging Face fetch missing weights"
     )
+    parser.add_argument(
+        "--recompute", action="store_true",
+        help=f"compute what the embedded model's shipped precomputed results hold (reference "
+             f"margins, CAA means, the baselines' replies) instead of reading them "
+             f"({ENV_SWITCH}=0 does the same)",
+    )
 
 
 def _load(args: argparse.Namespace):
+    if args.recompute:  # read by every lookup of irm_lens.data.precomputed in this process
+        os.environ[ENV_SWITCH] = "0"
     return load_model(
         args.model, dtype=_DTYPES[args.dtype], device=args.device, allow_download=args.allow_download
     )

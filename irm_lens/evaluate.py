@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer
 
 from irm_lens.data.corpora import neutral_prompts
 from irm_lens.data.dataset import right_pad
+from irm_lens.data.precomputed import cached, content_key
 from irm_lens.errors import ConfigError
 from irm_lens.generation import Continuation, generate_continuations
 from irm_lens.losses import masked_lm_loss
@@ -250,9 +251,22 @@ def measure(
     return EvalResult(alignment, samples, summary, lift, degenerate, _verdict(lift, alignment))
 
 
+def _perplexities(model: HookedTransformer, continuations: list[Continuation], batch_size: int
+                  ) -> list[float]:
+    """Perplexity of each continuation given its prompt, under the unsteered model (read from
+    the shipped precomputed results where they hold these token ids)."""
+    ids = [torch.tensor(c.prompt_ids + c.new_ids, dtype=torch.int32) for c in continuations]
+    scored_from = torch.tensor([len(c.prompt_ids) for c in continuations], dtype=torch.int32)
+    key = content_key("perplexities", model, batch_size, scored_from, *ids)
+    found = cached(key, lambda: {"perplexity": torch.tensor(
+        _computed_perplexities(model, continuations, batch_size), dtype=torch.float64)})
+    return found["perplexity"].tolist()
+
+
 @torch.no_grad()
-def _perplexities(model: HookedTransformer, continuations: list[Continuation], batch_size: int) -> list[float]:
-    """Perplexity of each continuation given its prompt, under the unsteered model."""
+def _computed_perplexities(model: HookedTransformer, continuations: list[Continuation],
+                           batch_size: int) -> list[float]:
+    """``_perplexities``, computed (the prompt is read, the continuation scored)."""
     pad = model.tokenizer.pad_token_id or 0
     out = []
     for start in range(0, len(continuations), batch_size):

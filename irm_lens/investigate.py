@@ -10,6 +10,7 @@ did and how long it took; the stage times are kept in the result.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from irm_lens.analysis.outputs import (
     dominant_neurons,
 )
 from irm_lens.compare import SteeringComparison, compare_steering
+from irm_lens.data.precomputed import ENV_SWITCH, Lookup, precomputation
 from irm_lens.irm import IRM
-from irm_lens.recipes import RECIPES, RecipeResult, caa_vector, train_recipe
+from irm_lens.recipes import RECIPES, Recipe, RecipeResult, caa_vector, train_recipe
 from irm_lens.report import report
 from irm_lens.report.summary import findings
-from irm_lens.steering import Prompting
+from irm_lens.steering import Intervention, Prompting
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Investigation:
     dossier: NeuronDossier
     steering: SteeringComparison
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    precomputed: list[Lookup] = field(default_factory=list)  # every lookup of shipped results
 
     @property
     def verdict(self) -> str:
@@ -85,6 +88,17 @@ def steering_verdict(steering: SteeringComparison) -> str:
     return "\n".join(lines)
 
 
+def main_job_baselines(model: HookedTransformer, alignment: str, recipe: Recipe,
+                       run_dir: Path | None = None) -> dict[str, Intervention]:
+    """What the main job measures its IRM beside: the tone persona prompt and, for a recipe
+    that starts from one, the recipe's CAA vector (read from ``run_dir`` where saved there)."""
+    baselines: dict[str, Intervention] = {"prompting": Prompting.persona(alignment)}
+    if recipe.vector_depth is not None:  # the IRM's starting point, as the baseline to beat
+        vector = caa_vector(model, alignment, recipe.for_alignment(alignment), run_dir)
+        baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
+    return baselines
+
+
 def investigate(
     model: HookedTransformer,
     out_dir: str | Path = "runs/main",
@@ -102,8 +116,25 @@ def investigate(
         settings: Sizes of every stage.
         irm: A trained IRM to investigate instead of training one.
         progress: Progress bars and stage lines.
+
+    What the embedded model computes before and beside training that no trained IRM enters is
+    read from the shipped precomputed results (``irm_lens.data.precomputed``; the job says how
+    many): the reference margins, the CAA vector's means, and the unsteered, persona and CAA
+    replies with their perplexities. ``IRM_LENS_PRECOMPUTED=0`` computes them too.
     """
-    out_dir = Path(out_dir)
+    with precomputation() as lookups:
+        return _investigate(model, Path(out_dir), settings, irm, progress, lookups)
+
+
+def precomputed_summary(lookups: list[Lookup]) -> str:
+    """Which results a run read from the shipped precomputed ones, per kind."""
+    kinds = Counter(lookup.key.rsplit("-", 1)[0] for lookup in lookups if lookup.found)
+    read = ", ".join(f"{kind} {n}" for kind, n in kinds.items()) or "none"
+    return f"Read from the shipped precomputed results: {read} ({ENV_SWITCH}=0 computes them)."
+
+
+def _investigate(model: HookedTransformer, out_dir: Path, settings: InvestigationSettings,
+                 irm: IRM | None, progress: bool, lookups: list[Lookup]) -> Investigation:
     s = settings
     times: dict[str, float] = {}
 
@@ -143,10 +174,7 @@ def investigate(
     stage("analyses", t)
 
     t = time.perf_counter()
-    baselines = {"irm": irm, "prompting": Prompting.persona(s.alignment)}
-    if recipe.vector_depth is not None:  # the IRM's starting point, as the baseline to beat
-        vector = caa_vector(model, s.alignment, recipe, out_dir / "irm")
-        baselines[f"caa (layer {vector.config.layers[0]} x{vector.config.scale:g})"] = vector
+    baselines = {"irm": irm, **main_job_baselines(model, s.alignment, recipe, out_dir / "irm")}
     # Each decoding at the recipe's dose for it (a trained IRM carries the greedy one); a given
     # IRM is measured, and judged, as it is.
     chosen = training.decoding_scales() if training is not None else None
@@ -159,6 +187,7 @@ def investigate(
         # the IRM beside its best aligned baseline, per decoding (the report's findings)
         for claim in findings(steering=steering, subject_scales=chosen).itertuples():
             print(f"{claim.claim}: {claim.finding}: {claim.verdict}")
+        print(precomputed_summary(lookups))
 
     t = time.perf_counter()
     trained = (f"trained toward {s.alignment} with the {s.recipe!r} recipe ({recipe.preset} "
@@ -168,6 +197,7 @@ def investigate(
         f"{', '.join(n for n in baselines if n != 'irm')} on the same prompts; its dominant "
         f"neuron {dominant.top} analysed against {s.n_random} random indices.",
         "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".",
+        precomputed_summary(lookups),
     ]
     path = report(
         out_dir / "report.html", title=f"irm_lens: {s.alignment} on {model.cfg.model_name}",
@@ -176,4 +206,5 @@ def investigate(
         subject_scales=chosen,
     )
     stage("report", t)
-    return Investigation(out_dir, path, training, outputs, dominant, dossier, steering, times)
+    return Investigation(out_dir, path, training, outputs, dominant, dossier, steering, times,
+                         lookups)

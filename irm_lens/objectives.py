@@ -35,7 +35,7 @@ from irm_lens.data.dataset import (
     batch_slice,
     tokenize_texts,
 )
-from irm_lens.data.precomputed import content_key, load_precomputed
+from irm_lens.data.precomputed import cached, content_key
 from irm_lens.errors import ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
@@ -109,9 +109,8 @@ class PreferenceObjective:
             "reference-margins", model, batch_size, self.chosen.input_ids, self.chosen.loss_mask,
             self.rejected.input_ids, self.rejected.loss_mask,
         )
-        shipped = load_precomputed(self.reference_key)
-        self.ref_margin = shipped["ref_margin"] if shipped is not None \
-            else self.reference_margins(model, batch_size)
+        self.ref_margin = cached(self.reference_key, lambda: {
+            "ref_margin": self.reference_margins(model, batch_size)})["ref_margin"]
 
     def __len__(self) -> int:
         return len(self.chosen)

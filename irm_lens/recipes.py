@@ -350,6 +350,23 @@ def _perplexity_meter(model: HookedTransformer, irm: IRM, prompts: list[str],
     return ratio_at
 
 
+def unsteered_calibration(model: HookedTransformer, recipe: Recipe) -> dict[str, float]:
+    """The unsteered model's side of ``recipe``'s dose calibration, where it calibrates by
+    them: the perplexity of its replies to the tuning questions (``dose_for_perplexity``) and
+    the distinct-2 of its replies to the diversity questions (``dose_within_distinct2``).
+    Computed as those compute it, so ``scripts/precompute.py`` ships what they read."""
+    found = {}
+    if recipe.sampled_dose_perplexity is not None:
+        found["perplexity"] = generated_perplexity(
+            model, None, tuning_prompts(recipe.tuning_prompts), TUNING_DECODINGS,
+            max_new_tokens=TUNING_NEW_TOKENS)
+    if recipe.sampled_dose_distinct2 is not None:
+        found["distinct2"] = distinct_n(_replies(
+            model, None, tuning_prompts(recipe.diversity_prompts), TUNING_DECODINGS,
+            TUNING_NEW_TOKENS), 2)
+    return found
+
+
 @torch.no_grad()
 def dose_for_perplexity(
     model: HookedTransformer, irm: IRM, prompts: list[str], target: float, near: float, *,

@@ -33,8 +33,9 @@ from transformer_lens.utilities import get_act_name
 
 from irm_lens._io import atomic_write
 from irm_lens.data.corpora import load_alignment
-from irm_lens.data.dataset import Example, tokenize_texts
+from irm_lens.data.dataset import Example, TokenizedTexts, tokenize_texts
 from irm_lens.data.personas import SYNTHETIC_PERSONAS
+from irm_lens.data.precomputed import cached, content_key
 from irm_lens.errors import CheckpointError, ConfigError, ShapeMismatchError, check_config_keys
 from irm_lens.hooks import permanent_hooks
 from irm_lens.inject import check_positions, inject, position_mask
@@ -283,13 +284,23 @@ def mean_activations(
     reply's tokens (CAA's "activations on the answer").
     """
     tokens = tokenize_texts(model, texts, max_length=max_length)
+    layers = [int(layer) for layer in layers]
+    key = content_key("mean-activations", model, site, layers, batch_size, tokens.input_ids,
+                      tokens.loss_mask)  # shipped for the recipes' CAA vectors
+    return cached(key, lambda: {"mean": _mean_activations(model, tokens, layers, site,
+                                                          batch_size)})["mean"]
+
+
+def _mean_activations(model: HookedTransformer, tokens: TokenizedTexts, layers: list[int],
+                      site: str, batch_size: int) -> Float[Tensor, "n_layers d_model"]:
+    """``mean_activations``' means, computed."""
     names = [get_act_name(site, layer) for layer in layers]
     total = torch.zeros(len(layers), model.cfg.d_model, dtype=torch.float64)
     count = 0.0
     for start in range(0, len(tokens), batch_size):
         ids = tokens.input_ids[start : start + batch_size].to(model.cfg.device)
         mask = tokens.loss_mask[start : start + batch_size].clone()
-        mask[:, 0] = 0  # the attention sink (see above)
+        mask[:, 0] = 0  # the attention sink (see mean_activations)
         mask = mask.to(model.cfg.device)
         # the layers after the last one read are not run
         _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names,

@@ -11,9 +11,12 @@ import torch
 import irm_lens
 from irm_lens import IRM, inject, models
 from irm_lens.data.dataset import split_texts
-from irm_lens.data.precomputed import PRECOMPUTED
-from irm_lens.generation import compare_generations
-from irm_lens.recipes import RECIPES, SHIPPED_PAIRS, read_recipe_pairs
+from irm_lens.compare import compare_steering
+from irm_lens.data.precomputed import PRECOMPUTED, precomputation
+from irm_lens.evaluate import _perplexities, eval_prompts
+from irm_lens.generation import compare_generations, generate_continuations
+from irm_lens.investigate import InvestigationSettings, main_job_baselines
+from irm_lens.recipes import RECIPES, SHIPPED_PAIRS, read_recipe_pairs, unsteered_calibration
 from irm_lens.train import split_objectives
 
 pytestmark = pytest.mark.embedded
@@ -93,3 +96,30 @@ def test_the_main_jobs_reference_margins_are_shipped_and_match_the_model(embedde
         assert (PRECOMPUTED / f"{objective.reference_key}.safetensors").exists()
         computed = objective.reference_margins(embedded_model, stop=16)
         assert torch.allclose(objective.ref_margin[:16], computed, atol=1e-4)
+
+
+def test_the_main_jobs_baselines_are_shipped_and_match_the_model(embedded_model):
+    """What the main job computes beside its IRM (the CAA vector's means, the calibration's
+    unsteered replies, the baselines' evaluation) is read from irm_lens/data/precomputed
+    (scripts/precompute.py), and the unsteered greedy replies and their perplexities read
+    there are the model's own."""
+    settings = InvestigationSettings()
+    recipe = RECIPES[settings.recipe]
+    with precomputation() as lookups:
+        unsteered_calibration(embedded_model, recipe.for_alignment(settings.alignment))
+        compare_steering(embedded_model, main_job_baselines(embedded_model, settings.alignment,
+                                                            recipe),
+                         settings.alignment, n_prompts=settings.eval_prompts,
+                         max_new_tokens=settings.eval_new_tokens, progress=False)
+    assert len(lookups) == 16 and all(lookup.found for lookup in lookups)
+    prompts = eval_prompts(None, settings.eval_prompts, 0)
+    kwargs = dict(max_new_tokens=settings.eval_new_tokens, batch_size=40)  # compare_steering's
+    with precomputation("read") as read:
+        shipped = generate_continuations(embedded_model, prompts, **kwargs)
+        shipped_perplexities = _perplexities(embedded_model, shipped, 40)
+    with precomputation("off"):
+        computed = generate_continuations(embedded_model, prompts, **kwargs)
+        computed_perplexities = _perplexities(embedded_model, computed, 40)
+    assert [lookup.found for lookup in read] == [True, True]
+    assert shipped == computed
+    assert computed_perplexities == pytest.approx(shipped_perplexities, rel=1e-5)

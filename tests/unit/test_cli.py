@@ -246,3 +246,23 @@ def test_pairs_answers_the_chosen_slice_of_training_questions(tiny_llama_dir, tm
     assert seen["prompts"] == neutral_prompts(split="train")[5:8]
     assert main([*args[:-4], "--first-prompt", "-1", "--out", str(tmp_path / "q.jsonl")]) == 2
     assert "--first-prompt must be >= 0" in capsys.readouterr().err
+
+
+def test_recompute_turns_the_shipped_precomputed_results_off(tiny_llama_dir, tmp_path,
+                                                             monkeypatch):
+    from irm_lens import cli
+    from irm_lens.data import precomputed
+
+    monkeypatch.setenv(precomputed.ENV_SWITCH, "")  # unset again after the test
+    modes = []
+
+    def fake(model, intervention, alignment, out, **kwargs):
+        modes.append(precomputed._current_mode())
+        return pd.DataFrame(dict(kept=[True]))
+
+    monkeypatch.setattr(cli, "generate_pairs", fake)
+    args = ["pairs", "--model", str(tiny_llama_dir), "--device", "cpu", "--prompting",
+            "--alignment", "anger", "--n-prompts", "1", "--out", str(tmp_path / "p.jsonl")]
+    assert main(args) == 0
+    assert main([*args, "--recompute"]) == 0
+    assert modes == ["read", "off"]
