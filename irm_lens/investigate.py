@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 from transformer_lens import HookedTransformer
 
@@ -99,6 +100,18 @@ def main_job_baselines(model: HookedTransformer, alignment: str, recipe: Recipe,
     return baselines
 
 
+def main_job_comparison(model: HookedTransformer, interventions: dict[str, Intervention],
+                        settings: InvestigationSettings,
+                        scales: dict[str, Sequence[float] | dict[str, float]] | None = None,
+                        progress: bool = True) -> SteeringComparison:
+    """The main job's evaluation: ``interventions`` measured on its prompts and decodings
+    (``compare_steering``, at ``scales``)."""
+    return compare_steering(model, interventions, settings.alignment,
+                            n_prompts=settings.eval_prompts,
+                            max_new_tokens=settings.eval_new_tokens, scales=scales or (1.0,),
+                            progress=progress)
+
+
 def investigate(
     model: HookedTransformer,
     out_dir: str | Path = "runs/main",
@@ -178,9 +191,7 @@ def _investigate(model: HookedTransformer, out_dir: Path, settings: Investigatio
     # Each decoding at the recipe's dose for it (a trained IRM carries the greedy one); a given
     # IRM is measured, and judged, as it is.
     chosen = training.decoding_scales() if training is not None else None
-    steering = compare_steering(model, baselines, s.alignment, n_prompts=s.eval_prompts,
-                                max_new_tokens=s.eval_new_tokens,
-                                scales={"irm": chosen or [1.0]}, progress=progress)
+    steering = main_job_comparison(model, baselines, s, {"irm": chosen or [1.0]}, progress)
     stage("evaluation", t)
     if progress:
         print(steering_verdict(steering))

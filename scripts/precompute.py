@@ -22,10 +22,10 @@ from collections import Counter
 from dataclasses import replace
 
 import irm_lens
-from irm_lens.compare import compare_steering
 from irm_lens.data.dataset import split_texts
 from irm_lens.data.precomputed import PRECOMPUTED, precomputation
-from irm_lens.investigate import InvestigationSettings, main_job_baselines
+from irm_lens.investigate import (InvestigationSettings, main_job_baselines,
+                                  main_job_comparison)
 from irm_lens.recipes import (RECIPES, SHIPPED_PAIRS, caa_vector, read_recipe_pairs,
                               unsteered_calibration)
 from irm_lens.train import split_objectives
@@ -60,10 +60,9 @@ def main() -> None:
             record(f"{alignment}: unsteered calibration", lookups,
                    lambda: unsteered_calibration(model, recipe))
             settings = InvestigationSettings(alignment=alignment, recipe=args.recipe)
-            record(f"{alignment}: the main job's baselines", lookups, lambda: compare_steering(
-                model, main_job_baselines(model, alignment, RECIPES[args.recipe]), alignment,
-                n_prompts=settings.eval_prompts, max_new_tokens=settings.eval_new_tokens,
-                progress=False))
+            baselines = main_job_baselines(model, alignment, RECIPES[args.recipe])
+            record(f"{alignment}: the main job's baselines", lookups, lambda: main_job_comparison(
+                model, baselines, settings, progress=False))
     wanted = {lookup.key for lookup in lookups}
     stale = sorted(f.stem for f in PRECOMPUTED.glob("*.safetensors") if f.stem not in wanted)
     print(f"{len(list(PRECOMPUTED.glob('*.safetensors')))} files shipped, "
