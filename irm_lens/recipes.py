@@ -13,7 +13,8 @@
   0.86; weaker seeds get more. Sadness and joy have targets of their own, set the same way,
   and their sampled dose is also held where its replies keep 80% of the unsteered replies'
   distinct-2 (``Recipe.alignment_targets``); sadness keeps the chosen replies' cross-entropy
-  at weight 0.3, joy has a warm start at CAA x3 and an entropy term
+  at weight 0.3, joy has a warm start at CAA x3 and an entropy term, and anger stops at 45 of
+  the 60 steps, by which its validation loss had been lowest on each of three seeds
   (``Recipe.alignment_settings``).
   The pairs are generated once (``generate_pairs``, at the first of ``pairs_scales`` at which
   enough of the vector's replies stay fluent to keep a pair) and reused; the
@@ -253,11 +254,15 @@ RECIPES: dict[str, Recipe] = {
             "joy": dict(dose_kl=0.573, sampled_dose_kl=0.724, sampled_dose_perplexity=3.2,
                         sampled_dose_distinct2=0.8),
         },
-        # sadness: the chosen replies' cross-entropy at 0.3, which spends its perplexity on
-        # sadness rather than on leaving the unsteered reply (12 of 12 cells on sets 0-2, the
-        # earlier setting 9). joy: the warm start at CAA x3 and the entropy term, which together
-        # lifted joy's sampled replies without their repeating one phrase ("A sixth trial")
-        alignment_settings={"sadness": ("train.chosen_lm=0.3",),
+        # anger: 45 steps, where its validation loss is lowest on all three seeds (steps 45, 30
+        # and 45 of 60) and so the IRM kept; with a constant rate, the same IRMs ("Anger stops
+        # at 45 steps"). sadness: the chosen replies' cross-entropy at 0.3, which spends its
+        # perplexity on sadness rather than on leaving the unsteered reply (12 of 12 cells on
+        # sets 0-2, the earlier setting 9). joy: the warm start at CAA x3 and the entropy term,
+        # which together lifted joy's sampled replies without their repeating one phrase ("A
+        # sixth trial"). Both keep 60 steps: their validation loss still fell at step 60.
+        alignment_settings={"anger": ("train.max_steps=45",),
+                            "sadness": ("train.chosen_lm=0.3",),
                             "joy": ("vector_scale=3.0", "train.entropy=0.1")},
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
                           kl=0.1, max_steps=60, max_length=96, batch_size=4, eval_every=15,

@@ -11,7 +11,7 @@ import torch
 
 from irm_lens import IRM, IRMConfig
 from irm_lens.errors import ConfigError
-from irm_lens.train import TrainConfig, paper_l1, train
+from irm_lens.train import TrainConfig, checkpoint_irm, paper_l1, run_checkpoints, train
 
 train_module = importlib.import_module("irm_lens.train")  # irm_lens.train is the function
 
@@ -77,6 +77,26 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, tm
     assert _same(whole.irm, resumed.irm)
     assert whole.history.equals(resumed.history)
     assert whole.best_val_loss == resumed.best_val_loss
+
+
+def test_a_shorter_run_is_the_start_of_a_longer_one(tiny_model, tmp_path):
+    """With a constant rate nothing in a step depends on the run's length: a run of 6 steps
+    computes the first 6 of a 10-step run to the bit, and keeps the IRM that run had kept by
+    step 6 (why anger's recipe stopping at 45 steps, where its runs had kept their IRM, trains
+    the same IRMs)."""
+    kept = dict(checkpoint_every=1, keep_checkpoints=10, lr_gamma=1.0)
+    long = train(tiny_model, _irm(tiny_model), TEXTS, TrainConfig(**{**CONFIG.to_dict(), **kept}),
+                 out_dir=tmp_path / "long", progress=False)
+    short = train(tiny_model, _irm(tiny_model), TEXTS,
+                  TrainConfig(**{**CONFIG.to_dict(), **kept, "max_steps": 6}),
+                  out_dir=tmp_path / "short", progress=False)
+    first = long.history[long.history.step <= 6].reset_index(drop=True)
+    assert short.steps == 6 and short.history.equals(first)
+    vals = first.dropna(subset=["val_loss"])
+    best_by_6 = int(vals.step[vals.val_loss.idxmin()])
+    assert (short.best_step, short.best_val_loss) == (best_by_6, vals.val_loss.min())
+    _, kept_by_6 = checkpoint_irm(run_checkpoints(tmp_path / "long")[best_by_6])
+    assert _same(short.irm, kept_by_6)
 
 
 def test_a_finished_run_is_not_trained_again(tiny_model, tmp_path, monkeypatch):
