@@ -254,13 +254,13 @@ RECIPES: dict[str, Recipe] = {
             "joy": dict(dose_kl=0.573, sampled_dose_kl=0.724, sampled_dose_perplexity=3.2,
                         sampled_dose_distinct2=0.8),
         },
-        # anger: 45 steps, where its validation loss is lowest on all three seeds (steps 45, 30
-        # and 45 of 60) and so the IRM kept; with a constant rate, the same IRMs ("Anger stops
-        # at 45 steps"). sadness: the chosen replies' cross-entropy at 0.3, which spends its
-        # perplexity on sadness rather than on leaving the unsteered reply (12 of 12 cells on
-        # sets 0-2, the earlier setting 9). joy: the warm start at CAA x3 and the entropy term,
-        # which together lifted joy's sampled replies without their repeating one phrase ("A
-        # sixth trial"). Both keep 60 steps: their validation loss still fell at step 60.
+        # anger: 45 steps; its three seeds' validation loss was lowest at steps 45, 30 and 45 of
+        # 60, so the IRM kept came from there, and with a constant rate these are the same IRMs
+        # ("Anger stops at 45 steps"). sadness: the chosen replies' cross-entropy at 0.3, which
+        # spends its perplexity on sadness rather than on leaving the unsteered reply (12 of 12
+        # cells on sets 0-2, the earlier setting 9). joy: the warm start at CAA x3 and the
+        # entropy term, which together lifted joy's sampled replies without their repeating one
+        # phrase ("A sixth trial"). Both keep 60 steps: their validation loss still fell at 60.
         alignment_settings={"anger": ("train.max_steps=45",),
                             "sadness": ("train.chosen_lm=0.3",),
                             "joy": ("vector_scale=3.0", "train.entropy=0.1")},
