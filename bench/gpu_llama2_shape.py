@@ -48,13 +48,14 @@ def build(spec, device: str, dtype: torch.dtype):
 
 
 def irm_step(model, irm, optimizer, ids, loss_mask) -> float:
-    """One IRM training step as ``irm_lens.train`` takes it: inject, masked LM loss, backward,
-    Adam on the IRM (shared with ``train_step.py``); returns the loss."""
+    """One IRM training step as ``irm_lens.train`` takes it: inject, masked LM loss on the logits
+    of the positions it scores, backward, Adam on the IRM (shared with ``train_step.py``);
+    returns the loss."""
     import irm_lens
-    from irm_lens.losses import masked_lm_loss
+    from irm_lens.losses import logits_at, masked_lm_loss, predicting
 
     with irm_lens.inject(model, irm):
-        loss = masked_lm_loss(model(ids), ids, loss_mask)
+        loss = masked_lm_loss(logits_at(model, ids, predicting(loss_mask)), ids, loss_mask)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -12,7 +12,8 @@ post-attention norm) and split its output into layers with one ``unbind``, as ``
 The first step's losses of all sides are printed: they agree, which shows the work is the same.
 
 The sides:
-- irm_lens: ``inject`` + ``masked_lm_loss(model(ids), ids, mask)`` (what ``train`` does);
+- irm_lens: ``inject`` + ``masked_lm_loss`` on the scored positions' logits (``logits_at``:
+  what ``train`` does, the same loss and gradient as from all the logits);
 - HF natural: ``hf(ids, labels=labels).loss`` with ``labels = -100`` where the mask is 0 (what a
   user of transformers writes);
 - HF with irm_lens's loss: ``masked_lm_loss(hf(ids).logits, ids, mask)``.

@@ -21,7 +21,7 @@ from irm_lens.data.dataset import right_pad
 from irm_lens.data.precomputed import cached, content_key
 from irm_lens.errors import ConfigError
 from irm_lens.generation import Continuation, generate_continuations
-from irm_lens.losses import masked_lm_loss
+from irm_lens.losses import logits_at, predicting, token_mean, token_nll
 from irm_lens.scoring import (
     SCORE_COLUMNS,
     distinct_n,
@@ -274,15 +274,14 @@ def _computed_perplexities(model: HookedTransformer, continuations: list[Continu
         seqs = [list(c.prompt_ids) + list(c.new_ids) for c in batch]
         # Generated tokens only are scored: the prompt is not.
         ids, _, mask = right_pad(seqs, pad, scored_from=[len(c.prompt_ids) for c in batch])
-        logits = model(ids.to(model.cfg.device))
+        ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
+        # The first generated token is predicted from the prompt's last position.
+        nll, weight = token_nll(logits_at(model, ids, predicting(mask)), ids, mask)
         for i in range(len(seqs)):
             if mask[i].sum() < 1:
                 out.append(math.nan)
                 continue
-            # The first generated token is predicted from the prompt's last position.
-            nll = masked_lm_loss(logits[i : i + 1], ids[i : i + 1].to(logits.device),
-                                 mask[i : i + 1].to(logits.device))
-            out.append(math.exp(nll.item()))
+            out.append(math.exp(token_mean(nll[i : i + 1], weight[i : i + 1]).item()))
     return out
 
 

@@ -39,9 +39,20 @@ from irm_lens.data.precomputed import cached, content_key
 from irm_lens.errors import ConfigError
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
-from irm_lens.losses import masked_lm_loss, sequence_logprobs
+from irm_lens.losses import (
+    logits_at,
+    masked_lm_loss,
+    predicting,
+    sequence_logprobs,
+    sequence_sums,
+    token_mean,
+    token_nll,
+)
 
 OBJECTIVES: tuple[str, ...] = ("lm", "preference")
+# A batch's logits as an objective reads them: all of them, or only the rows of the positions
+# that predict a scored token (``irm_lens.losses.logits_at``), which is what training passes.
+Logits = Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "n_scored d_vocab"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class LMObjective:
         ids, mask, scored = batch_slice(self.data, index)
         return Batch(ids, mask, scored, int(scored[:, 1:].sum()))
 
-    def loss(self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Float[Tensor, ""]:
+    def loss(self, logits: Logits, batch: Batch) -> Float[Tensor, ""]:
         return masked_lm_loss(logits, batch.ids, batch.scored)
 
 
@@ -144,14 +155,14 @@ class PreferenceObjective:
         ids, mask, scored = self._stack(index)
         return Batch(ids, mask, scored, len(index), self.ref_margin[index])
 
-    def loss(self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Float[Tensor, ""]:
+    def loss(self, logits: Logits, batch: Batch) -> Float[Tensor, ""]:
         n = batch.n_units
-        logp = sequence_logprobs(logits, batch.ids, batch.scored)  # [2 * pairs]
+        nll, weight = token_nll(logits, batch.ids, batch.scored)  # [2 * pairs, pos] each
+        logp = sequence_sums(nll, weight)  # [2 * pairs]
         margin = logp[:n] - logp[n:] - batch.ref_margin.to(logp.device)
         loss = -F.logsigmoid(self.beta * margin).mean()
         if self.chosen_lm > 0:
-            loss = loss + self.chosen_lm * masked_lm_loss(logits[:n], batch.ids[:n],
-                                                          batch.scored[:n])
+            loss = loss + self.chosen_lm * token_mean(nll[:n], weight[:n])
         return loss
 
 
@@ -183,37 +194,45 @@ def kl_to_unsteered(
     positions: Callable[[Tensor], Tensor | None] | None = None,
 ) -> Float[Tensor, ""]:
     """KL(unsteered || steered) of the next-token distributions, mean over real positions."""
+    where = mask.bool()
     with torch.no_grad():
-        ref = model(ids).float().log_softmax(-1)  # [batch, pos, d_vocab]
+        ref = logits_at(model, ids, where).float().log_softmax(-1)  # [n_real, d_vocab]
     with inject(model, irm, positions=positions(mask) if positions else None):
-        steered = model(ids).float().log_softmax(-1)
+        steered = logits_at(model, ids, where).float().log_softmax(-1)
     return mean_kl(ref, steered, mask)
 
 
 def mean_kl(
-    ref: Float[Tensor, "batch pos d_vocab"], steered: Float[Tensor, "batch pos d_vocab"],
+    ref: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "n_real d_vocab"],
+    steered: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "n_real d_vocab"],
     mask: Int[Tensor, "batch pos"],
 ) -> Float[Tensor, ""]:
-    """KL(ref || steered) of two log-probability tensors, mean over the positions in ``mask``."""
-    per_token = (ref.exp() * (ref - steered)).sum(-1)  # [batch, pos]
+    """KL(ref || steered) of two log-probability tensors, mean over the positions in ``mask``:
+    both ``[batch, pos, d_vocab]``, or only the rows of those positions (row-major)."""
+    per_token = (ref.exp() * (ref - steered)).sum(-1)  # [batch, pos], or [n_real]
     weight = mask.to(per_token.dtype)
+    if per_token.ndim == 1:
+        per_token = torch.zeros_like(weight).masked_scatter(mask.bool(), per_token)
     return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def entropy_shortfall(
-    model: HookedTransformer, logits: Float[Tensor, "batch pos d_vocab"],
+    model: HookedTransformer, logits: Logits,
     ids: Int[Tensor, "batch pos"], scored: Int[Tensor, "batch pos"],
 ) -> Float[Tensor, ""]:
     """Mean of ``max(0, H_unsteered - H_steered)`` (nats) over the positions that predict a
-    scored token; ``logits`` are the steered ones of ``ids``, the unsteered ones are computed
-    here (so call it outside ``inject``)."""
+    scored token; ``logits`` are the steered ones of ``ids`` (all of them, or those positions'
+    rows), the unsteered ones are computed here (so call it outside ``inject``)."""
+    where = predicting(scored)
     with torch.no_grad():
-        ref = model(ids)[:, :-1].float().log_softmax(-1)  # [batch, pos - 1, d_vocab]
-    steered = logits[:, :-1].float().log_softmax(-1)
+        ref = logits_at(model, ids, where).float().log_softmax(-1)  # [n_scored, d_vocab]
+    steered = (logits if logits.ndim == 2 else logits[where]).float().log_softmax(-1)
     h_ref = -(ref.exp() * ref).sum(-1)
-    h_steered = -(steered.exp() * steered).sum(-1)  # [batch, pos - 1]
-    weight = scored[:, 1:].to(h_ref.dtype)
-    return ((h_ref - h_steered).clamp_min(0) * weight).sum() / weight.sum().clamp_min(1.0)
+    h_steered = -(steered.exp() * steered).sum(-1)  # [n_scored]
+    weight = scored[:, 1:].to(h_ref.dtype)  # [batch, pos - 1]
+    shortfall = torch.zeros_like(weight).masked_scatter(
+        where[:, :-1], (h_ref - h_steered).clamp_min(0))
+    return (shortfall * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def kl_batch(data: TokenizedTexts, step: int, batch_size: int) -> Int[Tensor, " batch"]:

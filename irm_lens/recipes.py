@@ -50,6 +50,7 @@ from irm_lens.evaluate import Decodings, generated_perplexity
 from irm_lens.generation import generate_continuations
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.losses import logits_at
 from irm_lens.models import EMBEDDED_MODEL_NAME
 from irm_lens.objectives import mean_kl
 from irm_lens.pairs import generate_pairs, kept_share, read_pairs
@@ -315,13 +316,14 @@ def _kl_meter(model: HookedTransformer, irm: IRM, texts: TokenizedTexts):
     by on ``texts`` (the unsteered pass computed once), and the dict of scales it measured."""
     device = model.cfg.device
     ids, mask = texts.input_ids.to(device), texts.attention_mask.to(device)
-    ref = model(ids).float().log_softmax(-1)  # [n, pos, d_vocab]
+    ref = logits_at(model, ids, mask.bool()).float().log_softmax(-1)  # [n_real, d_vocab]
     measured: dict[float, float] = {}
 
     def kl_at(scale: float) -> float:
         if scale not in measured:
             with inject(model, irm.with_output_scale(scale)):
-                measured[scale] = mean_kl(ref, model(ids).float().log_softmax(-1), mask).item()
+                steered = logits_at(model, ids, mask.bool()).float().log_softmax(-1)
+                measured[scale] = mean_kl(ref, steered, mask).item()
         return measured[scale]
 
     return kl_at, measured

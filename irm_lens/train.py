@@ -49,6 +49,7 @@ from irm_lens.distributed import Ranks
 from irm_lens.errors import CheckpointError, ConfigError, check_config_keys
 from irm_lens.inject import inject
 from irm_lens.irm import IRM, IRMConfig
+from irm_lens.losses import logits_at, predicting
 from irm_lens.objectives import (
     OBJECTIVES,
     Batch,
@@ -463,7 +464,7 @@ class _Loop:
 
         with inject(model, self.forward_irm, on_output=capture,
                     positions=_steered(irm, batch.scored)):
-            logits = model(batch.ids)  # [batch, pos, d_vocab]
+            logits = logits_at(model, batch.ids, predicting(batch.scored))  # [n_scored, d_vocab]
         lm_loss = self.train_obj.loss(logits, batch)  # the objective's loss
         lm_weight, l1_weight = _rank_weights(ranks, torch.tensor(batch.n_units), mask.sum())
         loss = lm_loss * lm_weight
@@ -611,11 +612,12 @@ def _val_loss(
     for b in range(ranks.rank, n_batches, ranks.world_size):
         index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(objective)))
         batch = objective.batch(index).to(model.cfg.device)
+        where = predicting(batch.scored)
         if irm is None:
-            logits = model(batch.ids)
+            logits = logits_at(model, batch.ids, where)
         else:
             with inject(model, irm, positions=_steered(irm, batch.scored)):
-                logits = model(batch.ids)
+                logits = logits_at(model, batch.ids, where)
         total += objective.loss(logits, batch).item() * batch.n_units
         count += batch.n_units
     if ranks.distributed:

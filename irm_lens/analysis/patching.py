@@ -38,7 +38,7 @@ from irm_lens.errors import ConfigError
 from irm_lens.hooks import overwrite_index, permanent_hooks
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
-from irm_lens.losses import masked_lm_loss, scored_rows
+from irm_lens.losses import masked_lm_loss, scored_rows, unembed_rows
 
 PatchTarget = Literal["irm", "resid"]
 PATCH_TARGETS: tuple[str, ...] = get_args(PatchTarget)
@@ -238,7 +238,7 @@ def _single_layer_scores(
                 final = model(resid, start_at_layer=layer + 1, stop_at_layer=n_layers,
                               attention_mask=attention_mask)
                 rows, targets = scored_rows(final, ids, loss_mask)  # unembed only what counts
-                logits = model.unembed(model.ln_final(rows[None]))[0]
+                logits = unembed_rows(model, rows)
                 nll[f"{direction}/{layer}/{index}"] += float(
                     F.cross_entropy(logits.float(), targets, reduction="sum"))
             bar.update()

@@ -16,7 +16,7 @@ from conftest import planted_irm
 import irm_lens
 from irm_lens.data.dataset import tokenize_texts
 from irm_lens.errors import ConfigError
-from irm_lens.losses import sequence_logprobs
+from irm_lens.losses import logits_at, predicting, sequence_logprobs
 from irm_lens.objectives import (
     PreferenceObjective,
     build_objective,
@@ -94,6 +94,29 @@ def test_chosen_lm_adds_the_chosen_replies_cross_entropy(chat_model):
     nll = -sum(_reply_logprob(chat_model, p, c) for p, c, _ in PAIRS[:2]) / n_tokens
     assert with_lm.loss(logits, batch).item() - plain.loss(logits, batch).item() == pytest.approx(
         2.0 * nll, rel=1e-4)
+
+
+@pytest.mark.parametrize("chosen_lm", [0.0, 0.7])
+def test_losses_read_the_scored_rows_as_the_full_logits(chat_model, chosen_lm):
+    """Training unembeds only the positions that predict a scored token (``logits_at``); every
+    loss gives from those rows what it gives from all the logits, and so does its gradient."""
+    objective = PreferenceObjective(chat_model, PAIRS[:3], max_length=64, beta=0.5,
+                                    chosen_lm=chosen_lm)
+    batch = objective.batch(torch.arange(3))
+    irm = planted_irm(chat_model, neuron=5, value=2.0).requires_grad_(True)
+    where = predicting(batch.scored)
+    assert 0 < where.sum() < where.numel() and not where[:, -1].any()
+    losses, grads = [], []
+    for read in (chat_model, lambda ids: logits_at(chat_model, ids, where)):
+        with irm_lens.inject(chat_model, irm):
+            logits = read(batch.ids)
+        loss = objective.loss(logits, batch) + entropy_shortfall(
+            chat_model, logits, batch.ids, batch.scored)
+        grads.append(torch.autograd.grad(loss, list(irm.parameters())))
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[0] > 0
+    for rows, full in zip(*grads):
+        torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-7)
 
 
 def test_kl_to_unsteered_by_hand(tiny_model):
