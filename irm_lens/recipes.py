@@ -316,13 +316,14 @@ def _kl_meter(model: HookedTransformer, irm: IRM, texts: TokenizedTexts):
     by on ``texts`` (the unsteered pass computed once), and the dict of scales it measured."""
     device = model.cfg.device
     ids, mask = texts.input_ids.to(device), texts.attention_mask.to(device)
-    ref = logits_at(model, ids, mask.bool()).float().log_softmax(-1)  # [n_real, d_vocab]
+    real = mask.bool()
+    ref = logits_at(model, ids, real).float().log_softmax(-1)  # [n_real, d_vocab]
     measured: dict[float, float] = {}
 
     def kl_at(scale: float) -> float:
         if scale not in measured:
             with inject(model, irm.with_output_scale(scale)):
-                steered = logits_at(model, ids, mask.bool()).float().log_softmax(-1)
+                steered = logits_at(model, ids, real).float().log_softmax(-1)
                 measured[scale] = mean_kl(ref, steered, mask).item()
         return measured[scale]
 

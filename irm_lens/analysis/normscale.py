@@ -49,6 +49,7 @@ from irm_lens.errors import ConfigError
 from irm_lens.hooks import permanent_hooks
 from irm_lens.inject import inject
 from irm_lens.irm import IRM
+from irm_lens.losses import scored_rows
 
 NormScalePath = Literal["total", "direct", "norm_scale", "remainder"]
 PATHS: tuple[str, ...] = ("total", "direct", "norm_scale", "remainder")
@@ -331,8 +332,8 @@ def _scored(logits: Float[Tensor, "batch pos d_vocab"], ids: Int[Tensor, "batch 
             ) -> tuple[Float[Tensor, "n_scored d_vocab"], Int[Tensor, " n_scored"]]:
     """The logits of the positions whose next token is scored (``masked_lm_loss``'s), and
     those tokens."""
-    scored = loss_mask[:, 1:].bool()  # [batch, pos - 1]
-    return logits[:, :-1][scored].double(), ids[:, 1:][scored]
+    rows, targets = scored_rows(logits, ids, loss_mask)
+    return rows.double(), targets
 
 
 def _path_changes(
