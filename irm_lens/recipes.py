@@ -402,7 +402,7 @@ def dose_for_perplexity(
     ratio_at = _perplexity_meter(model, irm, prompts, decodings, max_new_tokens)
     ratios = {near * g: ratio_at(near * g) for g in grid}
     for extended in range(extend + 1):
-        scale, line = _log_line_crossing(ratios, target)
+        scale, line = log_line_crossing(ratios, target)
         lo, hi = min(ratios), max(ratios)
         if lo <= scale <= hi or extended == extend:
             break
@@ -460,7 +460,7 @@ def _replies(model: HookedTransformer, irm: IRM | None, prompts: list[str],
                                             max_new_tokens=max_new_tokens, **kwargs)]
 
 
-def _log_line_crossing(ratios: Mapping[float, float], target: float):
+def log_line_crossing(ratios: Mapping[float, float], target: float):
     """Where the least-squares line through (log scale, log ratio) reaches ``target``, and the
     line as a function of the scale."""
     x = torch.tensor(list(ratios)).log().double()
@@ -670,7 +670,7 @@ def _calibrated_doses(model: HookedTransformer, irm: IRM, recipe: Recipe, data):
         doses["sampled"], ratio["sampled"], measured = dose_for_perplexity(
             model, irm, tuning_prompts(recipe.tuning_prompts), recipe.sampled_dose_perplexity,
             doses["sampled"])
-        line = _log_line_crossing(dict(zip(measured.scale, measured.perplexity_ratio)),
-                                  recipe.sampled_dose_perplexity)[1]
+        line = log_line_crossing(dict(zip(measured.scale, measured.perplexity_ratio)),
+                                 recipe.sampled_dose_perplexity)[1]
         del kl["sampled"]  # that dose is the perplexity's now
     return dict(doses=doses, kl=kl, perplexity_ratio=ratio), line
