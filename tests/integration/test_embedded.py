@@ -95,7 +95,10 @@ def test_the_main_jobs_reference_margins_are_shipped_and_match_the_model(embedde
     for objective in split_objectives(embedded_model, split_texts(pairs, seed=0), config):
         assert (PRECOMPUTED / f"{objective.reference_key}.safetensors").exists()
         computed = objective.reference_margins(embedded_model, stop=16)
-        assert torch.allclose(objective.ref_margin[:16], computed, atol=1e-4)
+        # Sums of 40-80 float32 log-probabilities: another CPU's kernels round them apart by up
+        # to 2e-4 (an AMD AVX2 machine against the Intel AMX one that wrote them); a wrong model
+        # or split is off by whole nats.
+        assert torch.allclose(objective.ref_margin[:16], computed, atol=1e-3)
 
 
 def test_the_main_jobs_baselines_are_shipped_and_match_the_model(embedded_model):
