@@ -5,7 +5,8 @@ questions at ``near`` x (0.8, 0.9, 1.0, 1.1, 1.2) and fits a line through (log s
 perplexity ratio). This script measures those five points for each of ``--tuning-seeds`` (the
 seed of the sampled replies; the recipe uses 0), and prints the dose the five points give and
 the dose three of them (0.8, 1.0, 1.2) give, per seed: how much the dose moves with the
-tuning seed, against how much it moves with two generations fewer.
+tuning seed, against how much it moves with two generations fewer. (Sadness's and joy's recipes
+then bound the dose by distinct-2; that step is not measured here.)
 
     python scripts/dose_precision.py --irm runs/main/irm --alignment anger --tuning-seeds 0,1,2
 """
@@ -13,6 +14,7 @@ tuning seed, against how much it moves with two generations fewer.
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import pandas as pd
@@ -20,10 +22,11 @@ import pandas as pd
 import irm_lens
 from irm_lens.evaluate import Decodings, generated_perplexity
 from irm_lens.recipes import (RECIPES, SHIPPED_PAIRS, TUNING_NEW_TOKENS, calibration_texts,
-                              dose_for_kl, log_line_crossing, read_recipe_pairs, tuning_prompts)
+                              dose_for_kl, dose_for_perplexity, log_line_crossing,
+                              read_recipe_pairs, tuning_prompts)
 
-GRID = (0.8, 0.9, 1.0, 1.1, 1.2)
-THREE = (0.8, 1.0, 1.2)
+GRID = inspect.signature(dose_for_perplexity).parameters["grid"].default  # the recipe's five
+THREE = (GRID[0], GRID[len(GRID) // 2], GRID[-1])
 
 
 def main() -> None:
@@ -34,9 +37,12 @@ def main() -> None:
     p.add_argument("--tuning-seeds", default="0,1,2")
     p.add_argument("--out", default=None, help="a CSV of every measured ratio")
     args = p.parse_args()
+    recipe = RECIPES[args.recipe].for_alignment(args.alignment)
+    if recipe.sampled_dose_kl is None or recipe.sampled_dose_perplexity is None:
+        p.error(f"the {args.recipe!r} recipe does not fit its sampled dose to a perplexity "
+                "(sampled_dose_kl and sampled_dose_perplexity); give one that does.")
     model = irm_lens.load_model()
     irm = irm_lens.IRM.load(args.irm, model).with_output_scale(1.0)
-    recipe = RECIPES[args.recipe].for_alignment(args.alignment)
     pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{args.alignment}.jsonl", recipe)
     start = time.perf_counter()
     texts = calibration_texts(model, pairs)
