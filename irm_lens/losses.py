@@ -24,6 +24,11 @@ def predicting(loss_mask: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]
     return F.pad(loss_mask[:, 1:], (0, 1)).bool()
 
 
+def next_tokens(input_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """The token each position predicts (0 at the last position, which predicts nothing)."""
+    return F.pad(input_ids[:, 1:], (0, 1))
+
+
 def unembed_rows(model: HookedTransformer, rows: Float[Tensor, "n d_model"]
                  ) -> Float[Tensor, "n d_vocab"]:
     """The logits of residual-stream rows after the last block (final norm, then unembedding),
@@ -51,7 +56,7 @@ def token_nll(
     The targets are shifted, not the logits: slicing ``[batch, pos, d_vocab]`` would copy it
     (and its gradient) once more. The last position predicts nothing: target 0 with weight 0.
     """
-    target = F.pad(input_ids[:, 1:], (0, 1))  # [batch, pos]
+    target = next_tokens(input_ids)  # [batch, pos]
     weight = F.pad(loss_mask[:, 1:], (0, 1)).to(torch.float32)  # [batch, pos]
     if logits.ndim == 2:
         where = predicting(loss_mask)
@@ -71,7 +76,7 @@ def scored_rows(
     """The positions whose next token is scored, and those tokens: what ``masked_lm_loss``
     averages over, for callers that unembed only the rows they score."""
     where = predicting(loss_mask)
-    return resid[where], F.pad(input_ids[:, 1:], (0, 1))[where]
+    return resid[where], next_tokens(input_ids)[where]
 
 
 def masked_lm_loss(

@@ -73,6 +73,9 @@ TUNING_NEW_TOKENS = 32
 # pooled over the replies falls as they grow in number (on the embedded model, steered /
 # unsteered ratios of 0.79-0.80 on 160 sampled replies read 0.89-0.96 on their first 40).
 DIVERSITY_PROMPTS = 160
+# The multiples of the sampled KL dose at which ``dose_for_perplexity`` measures the perplexity
+# ratio by default (one generation of the tuning questions each).
+DOSE_GRID = (0.8, 0.9, 1.0, 1.1, 1.2)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class Recipe:
             (``dose_for_perplexity``, fitted around the ``sampled_dose_kl`` dose). At one KL a
             weak seed spends less fluency, and gets less lift, than a strong one.
         tuning_prompts: How many tuning questions (``tuning_prompts()``) that calibration uses.
+        dose_grid: The multiples of the ``sampled_dose_kl`` dose at which that calibration
+            measures the ratio (``dose_for_perplexity``'s ``grid``): one generation of the
+            tuning questions each.
         sampled_dose_distinct2: When set, the sampled dose (fixed or calibrated) is then
             lowered, a step at a time, until the sampled replies to ``diversity_prompts`` tuning
             questions keep this share of the unsteered replies' distinct-2
@@ -145,6 +151,7 @@ class Recipe:
     sampled_dose_kl: float | None = None
     sampled_dose_perplexity: float | None = None
     tuning_prompts: int = 40
+    dose_grid: tuple[float, ...] = DOSE_GRID
     sampled_dose_distinct2: float | None = None
     diversity_prompts: int = DIVERSITY_PROMPTS
     alignment_targets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -194,12 +201,13 @@ class Recipe:
         return {"greedy": self.dose_kl,
                 "sampled": self.dose_kl if self.sampled_dose_kl is None else self.sampled_dose_kl}
 
-    def dose_targets(self) -> dict[str, float] | None:
-        """Every calibration target (the KLs, and the sampled perplexity ratio and distinct-2
-        bound where set; None: fixed doses)."""
+    def dose_targets(self) -> dict[str, float | list[float]] | None:
+        """Every calibration target (the KLs, and the sampled perplexity ratio, with the grid
+        it is fitted on, and distinct-2 bound where set; None: fixed doses)."""
         targets = self.dose_kls()
         if targets is not None and self.sampled_dose_perplexity is not None:
             targets["sampled_perplexity_ratio"] = self.sampled_dose_perplexity
+            targets["sampled_perplexity_grid"] = list(self.dose_grid)
         if self.sampled_dose_distinct2 is not None:
             targets = (targets or {}) | {"sampled_distinct2_ratio": self.sampled_dose_distinct2}
         return targets
@@ -262,7 +270,11 @@ RECIPES: dict[str, Recipe] = {
         # cells on sets 0-2, the earlier setting 9). joy: the warm start at CAA x3 and the
         # entropy term, which together lifted joy's sampled replies without their repeating one
         # phrase ("A sixth trial"). Both keep 60 steps: their validation loss still fell at 60.
-        alignment_settings={"anger": ("train.max_steps=45",),
+        # anger's sampled dose is also fitted on three of the five scales: two generations
+        # fewer, the doses within 1.8% of the five-point fit, far inside the ~10% the tuning
+        # seed moves them by, and every anger cell measured again at them ("Three points for
+        # anger's sampled dose"); sadness's and joy's cells were measured at five
+        alignment_settings={"anger": ("train.max_steps=45", "dose_grid=(0.8, 1.0, 1.2)"),
                             "sadness": ("train.chosen_lm=0.3",),
                             "joy": ("vector_scale=3.0", "train.entropy=0.1")},
         train=TrainConfig(objective="preference", lr=1e-4, lr_gamma=1.0, beta=0.1, chosen_lm=0.0,
@@ -379,7 +391,7 @@ def unsteered_calibration(model: HookedTransformer, recipe: Recipe) -> dict[str,
 def dose_for_perplexity(
     model: HookedTransformer, irm: IRM, prompts: list[str], target: float, near: float, *,
     decodings: Decodings = TUNING_DECODINGS,
-    grid: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2), max_new_tokens: int = TUNING_NEW_TOKENS,
+    grid: tuple[float, ...] = DOSE_GRID, max_new_tokens: int = TUNING_NEW_TOKENS,
     extend: int = 3, step: float = 1.5,
 ) -> tuple[float, float, pd.DataFrame]:
     """The output scale at which the model steered by ``irm`` answers ``prompts`` (in
@@ -669,7 +681,7 @@ def _calibrated_doses(model: HookedTransformer, irm: IRM, recipe: Recipe, data):
     if recipe.sampled_dose_perplexity is not None:
         doses["sampled"], ratio["sampled"], measured = dose_for_perplexity(
             model, irm, tuning_prompts(recipe.tuning_prompts), recipe.sampled_dose_perplexity,
-            doses["sampled"])
+            doses["sampled"], grid=recipe.dose_grid)
         line = log_line_crossing(dict(zip(measured.scale, measured.perplexity_ratio)),
                                  recipe.sampled_dose_perplexity)[1]
         del kl["sampled"]  # that dose is the perplexity's now

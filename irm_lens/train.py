@@ -613,11 +613,10 @@ def _val_loss(
         index = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(objective)))
         batch = objective.batch(index).to(model.cfg.device)
         where = predicting(batch.scored)
-        if irm is None:
+        steering = (nullcontext() if irm is None
+                    else inject(model, irm, positions=_steered(irm, batch.scored)))
+        with steering:
             logits = logits_at(model, batch.ids, where)
-        else:
-            with inject(model, irm, positions=_steered(irm, batch.scored)):
-                logits = logits_at(model, batch.ids, where)
         total += objective.loss(logits, batch).item() * batch.n_units
         count += batch.n_units
     if ranks.distributed:

@@ -1,12 +1,13 @@
 """How precise is a trained IRM's sampled dose? The perplexity fit measured on several tuning seeds.
 
 The recipe's sampled dose (``dose_for_perplexity``) samples one reply to each of the 40 tuning
-questions at ``near`` x (0.8, 0.9, 1.0, 1.1, 1.2) and fits a line through (log scale, log
-perplexity ratio). This script measures those five points for each of ``--tuning-seeds`` (the
-seed of the sampled replies; the recipe uses 0), and prints the dose the five points give and
-the dose three of them (0.8, 1.0, 1.2) give, per seed: how much the dose moves with the
-tuning seed, against how much it moves with two generations fewer. (Sadness's and joy's recipes
-then bound the dose by distinct-2; that step is not measured here.)
+questions at ``near`` x each scale of its grid and fits a line through (log scale, log
+perplexity ratio): the five of ``DOSE_GRID``, (0.8, 0.9, 1.0, 1.1, 1.2), or anger's three since
+2026-12-07, (0.8, 1.0, 1.2). This script measures the five points for each of
+``--tuning-seeds`` (the seed of the sampled replies; the recipe uses 0), and prints the dose the
+five points give and the dose three of them (0.8, 1.0, 1.2) give, per seed: how much the dose
+moves with the tuning seed, against how much it moves with two generations fewer. (Sadness's and
+joy's recipes then bound the dose by distinct-2; that step is not measured here.)
 
     python scripts/dose_precision.py --irm runs/main/irm --alignment anger --tuning-seeds 0,1,2
 """
@@ -14,18 +15,16 @@ then bound the dose by distinct-2; that step is not measured here.)
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 
 import pandas as pd
 
 import irm_lens
 from irm_lens.evaluate import Decodings, generated_perplexity
-from irm_lens.recipes import (RECIPES, SHIPPED_PAIRS, TUNING_NEW_TOKENS, calibration_texts,
-                              dose_for_kl, dose_for_perplexity, log_line_crossing,
+from irm_lens.recipes import (DOSE_GRID as GRID, RECIPES, SHIPPED_PAIRS, TUNING_NEW_TOKENS,
+                              calibration_texts, dose_for_kl, log_line_crossing,
                               read_recipe_pairs, tuning_prompts)
 
-GRID = inspect.signature(dose_for_perplexity).parameters["grid"].default  # the recipe's five
 THREE = (GRID[0], GRID[len(GRID) // 2], GRID[-1])
 
 
@@ -49,9 +48,9 @@ def main() -> None:
     near = dose_for_kl(model, irm, texts, {"sampled": recipe.sampled_dose_kl})["sampled"][0]
     print(f"near (KL {recipe.sampled_dose_kl}): {near:.4f}", flush=True)
     prompts, rows = tuning_prompts(recipe.tuning_prompts), []
+    kwargs = dict(max_new_tokens=TUNING_NEW_TOKENS)
     for seed in (int(s) for s in args.tuning_seeds.split(",")):
         decodings = Decodings(n_sampled=1, greedy=False, seed=seed)
-        kwargs = dict(max_new_tokens=TUNING_NEW_TOKENS)
         off = generated_perplexity(model, None, prompts, decodings, **kwargs)
         ratios = {near * g: generated_perplexity(model, irm.with_output_scale(near * g), prompts,
                                                  decodings, **kwargs) / off for g in GRID}

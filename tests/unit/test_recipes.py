@@ -252,7 +252,20 @@ def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tm
     assert result.perplexity_ratio["sampled"] == pytest.approx(expected[1], rel=1e-9)
     kept = json.loads((run / "doses.json").read_text())
     assert kept["targets"]["sampled_perplexity_ratio"] == target
+    assert kept["targets"]["sampled_perplexity_grid"] == list(recipes.DOSE_GRID)
     assert kept["doses"] == result.doses
+    # fitted on three of the five scales: calibrated again, on those
+    three = dataclasses.replace(by_ppl, dose_grid=(0.8, 1.0, 1.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fewer = irm_lens.train_recipe(chat_model, "anger", run, recipe=three, pairs=pairs,
+                                      progress=False)
+        expected = dose_for_perplexity(chat_model, undosed, prompts, target,
+                                       first.doses["sampled"], grid=(0.8, 1.0, 1.2))
+    assert fewer.doses["sampled"] == pytest.approx(expected[0], rel=1e-9)
+    assert fewer.doses["sampled"] != pytest.approx(result.doses["sampled"], rel=1e-9)
+    kept = json.loads((run / "doses.json").read_text())
+    assert kept["targets"]["sampled_perplexity_grid"] == [0.8, 1.0, 1.2]
     with pytest.raises(irm_lens.ConfigError, match="tuning questions"):
         tuning_prompts(10**6)
 

@@ -1,0 +1,52 @@
+"""Benchmark: a trained IRM's sampled-dose fit on five scales against three, alternated.
+
+    python bench/dose_fit.py --irm runs/main/irm [--alignment anger] [--rounds 2]
+
+``dose_for_perplexity`` as the recipe calls it (its 40 tuning questions, its perplexity target,
+around the dose of its sampled KL; the unsteered replies read from the shipped precomputed
+results, as in the main job), on ``DOSE_GRID`` and on its three scales 0.8, 1.0 and 1.2, in
+turn, ``--rounds`` times: the time each takes and the dose it finds, so that the saving is
+measured in one run, on the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import irm_lens
+from irm_lens.recipes import (DOSE_GRID, RECIPES, SHIPPED_PAIRS, calibration_texts, dose_for_kl,
+                              dose_for_perplexity, read_recipe_pairs, tuning_prompts)
+
+THREE = (0.8, 1.0, 1.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--irm", required=True, help="a trained IRM (file or run directory)")
+    parser.add_argument("--alignment", default="anger")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    recipe = RECIPES["preference"].for_alignment(args.alignment)
+    model = irm_lens.load_model()
+    irm = irm_lens.IRM.load(args.irm, model).with_output_scale(1.0)
+    pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{args.alignment}.jsonl", recipe)
+    near = dose_for_kl(model, irm, calibration_texts(model, pairs),
+                       {"sampled": recipe.sampled_dose_kl})["sampled"][0]
+    prompts = tuning_prompts(recipe.tuning_prompts)
+    seconds: dict[int, list[float]] = {len(DOSE_GRID): [], len(THREE): []}
+    for round_ in range(args.rounds):
+        for grid in (DOSE_GRID, THREE):
+            start = time.perf_counter()
+            dose = dose_for_perplexity(model, irm, prompts, recipe.sampled_dose_perplexity, near,
+                                       grid=grid)[0]
+            seconds[len(grid)].append(time.perf_counter() - start)
+            print(f"round {round_}: {len(grid)} scales, dose {dose:.4f}, "
+                  f"{seconds[len(grid)][-1]:.1f} s", flush=True)
+    five, three = (sum(s) / len(s) for s in seconds.values())
+    print(f"mean: five scales {five:.1f} s, three {three:.1f} s; saved {five - three:.1f} s "
+          f"({three / five:.2f}x the time)")
+
+
+if __name__ == "__main__":
+    main()
