@@ -4,9 +4,9 @@
 
 ``dose_for_perplexity`` as the recipe calls it (its 40 tuning questions, its perplexity target,
 around the dose of its sampled KL; the unsteered replies read from the shipped precomputed
-results, as in the main job), on ``DOSE_GRID`` and on its three scales 0.8, 1.0 and 1.2, in
-turn, ``--rounds`` times: the time each takes and the dose it finds, so that the saving is
-measured in one run, on the same machine state.
+results, as in the main job), on ``DOSE_GRID`` and on the alignment's own grid (anger's three
+scales, ``Recipe.dose_grid``), in turn, ``--rounds`` times: the time each takes and the dose it
+finds, so that the saving is measured in one run, on the same machine state.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import irm_lens
 from irm_lens.recipes import (DOSE_GRID, RECIPES, SHIPPED_PAIRS, calibration_texts, dose_for_kl,
                               dose_for_perplexity, read_recipe_pairs, tuning_prompts)
 
-THREE = (0.8, 1.0, 1.2)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,24 +26,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     recipe = RECIPES["preference"].for_alignment(args.alignment)
+    if recipe.dose_grid == DOSE_GRID:
+        parser.error(f"{args.alignment}'s recipe fits its sampled dose on DOSE_GRID itself; "
+                     "there is no other grid to compare with.")
     model = irm_lens.load_model()
     irm = irm_lens.IRM.load(args.irm, model).with_output_scale(1.0)
     pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{args.alignment}.jsonl", recipe)
     near = dose_for_kl(model, irm, calibration_texts(model, pairs),
                        {"sampled": recipe.sampled_dose_kl})["sampled"][0]
     prompts = tuning_prompts(recipe.tuning_prompts)
-    seconds: dict[int, list[float]] = {len(DOSE_GRID): [], len(THREE): []}
+    grids = (DOSE_GRID, recipe.dose_grid)
+    seconds: tuple[list[float], list[float]] = ([], [])
     for round_ in range(args.rounds):
-        for grid in (DOSE_GRID, THREE):
+        for grid, timed in zip(grids, seconds):
             start = time.perf_counter()
             dose = dose_for_perplexity(model, irm, prompts, recipe.sampled_dose_perplexity, near,
                                        grid=grid)[0]
-            seconds[len(grid)].append(time.perf_counter() - start)
-            print(f"round {round_}: {len(grid)} scales, dose {dose:.4f}, "
-                  f"{seconds[len(grid)][-1]:.1f} s", flush=True)
-    five, three = (sum(s) / len(s) for s in seconds.values())
-    print(f"mean: five scales {five:.1f} s, three {three:.1f} s; saved {five - three:.1f} s "
-          f"({three / five:.2f}x the time)")
+            timed.append(time.perf_counter() - start)
+            print(f"round {round_}: scales {grid}, dose {dose:.4f}, {timed[-1]:.1f} s", flush=True)
+    full, own = (sum(timed) / len(timed) for timed in seconds)
+    print(f"mean: {len(DOSE_GRID)} scales {full:.1f} s, {len(recipe.dose_grid)} {own:.1f} s; "
+          f"saved {full - own:.1f} s ({own / full:.2f}x the time)")
 
 
 if __name__ == "__main__":
