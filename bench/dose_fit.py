@@ -15,8 +15,8 @@ import argparse
 import time
 
 import irm_lens
-from irm_lens.recipes import (DOSE_GRID, RECIPES, SHIPPED_PAIRS, calibration_texts, dose_for_kl,
-                              dose_for_perplexity, read_recipe_pairs, tuning_prompts)
+from irm_lens.recipes import (DOSE_GRID, RECIPES, dose_for_perplexity, sampled_kl_dose,
+                              tuning_prompts)
 
 
 def main() -> None:
@@ -31,9 +31,7 @@ def main() -> None:
                      "there is no other grid to compare with.")
     model = irm_lens.load_model()
     irm = irm_lens.IRM.load(args.irm, model).with_output_scale(1.0)
-    pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{args.alignment}.jsonl", recipe)
-    near = dose_for_kl(model, irm, calibration_texts(model, pairs),
-                       {"sampled": recipe.sampled_dose_kl})["sampled"][0]
+    near = sampled_kl_dose(model, irm, args.alignment, recipe)
     prompts = tuning_prompts(recipe.tuning_prompts)
     grids = (DOSE_GRID, recipe.dose_grid)
     seconds: tuple[list[float], list[float]] = ([], [])

@@ -528,6 +528,16 @@ def calibration_texts(model: HookedTransformer, pairs: list[PreferencePair], n: 
     return tokenize_texts(model, list(replies.items())[:n], max_length=max_length)
 
 
+def sampled_kl_dose(model: HookedTransformer, irm: IRM, alignment: str, recipe: Recipe) -> float:
+    """The scale at which ``irm`` moves the model by ``recipe``'s sampled KL on the calibration
+    texts of ``alignment``'s shipped pairs: the scale the sampled dose's perplexity fit centres
+    its grid on (a recipe's calibration finds it in one KL fit with the greedy dose)."""
+    pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{alignment}.jsonl", recipe)
+    found = dose_for_kl(model, irm, calibration_texts(model, pairs),
+                        {"sampled": recipe.sampled_dose_kl})
+    return found["sampled"][0]
+
+
 def vector_layer(model: HookedTransformer, recipe: Recipe) -> int:
     """The layer of the recipe's vector in ``model``."""
     return min(model.cfg.n_layers - 1, round(recipe.vector_depth * model.cfg.n_layers))

@@ -21,9 +21,8 @@ import pandas as pd
 
 import irm_lens
 from irm_lens.evaluate import Decodings, generated_perplexity
-from irm_lens.recipes import (DOSE_GRID as GRID, RECIPES, SHIPPED_PAIRS, TUNING_NEW_TOKENS,
-                              calibration_texts, dose_for_kl, log_line_crossing,
-                              read_recipe_pairs, tuning_prompts)
+from irm_lens.recipes import (DOSE_GRID as GRID, RECIPES, TUNING_NEW_TOKENS, log_line_crossing,
+                              sampled_kl_dose, tuning_prompts)
 
 THREE = (GRID[0], GRID[len(GRID) // 2], GRID[-1])
 
@@ -42,10 +41,8 @@ def main() -> None:
                 "(sampled_dose_kl and sampled_dose_perplexity); give one that does.")
     model = irm_lens.load_model()
     irm = irm_lens.IRM.load(args.irm, model).with_output_scale(1.0)
-    pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{args.alignment}.jsonl", recipe)
     start = time.perf_counter()
-    texts = calibration_texts(model, pairs)
-    near = dose_for_kl(model, irm, texts, {"sampled": recipe.sampled_dose_kl})["sampled"][0]
+    near = sampled_kl_dose(model, irm, args.alignment, recipe)
     print(f"near (KL {recipe.sampled_dose_kl}): {near:.4f}", flush=True)
     prompts, rows = tuning_prompts(recipe.tuning_prompts), []
     kwargs = dict(max_new_tokens=TUNING_NEW_TOKENS)

@@ -225,7 +225,8 @@ def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
         dose_for_perplexity(chat_model, irm, prompts, 0.0, 1.0)
 
 
-def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tmp_path):
+def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tmp_path,
+                                                                  monkeypatch):
     pairs = _pairs_file(tmp_path, degenerate="")
     by_kl = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, dose_kl=0.002,
                    sampled_dose_kl=0.005, tuning_prompts=4,
@@ -236,6 +237,12 @@ def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tm
                                   progress=False)
     assert first.perplexity_ratio == {}
     undosed = first.irm.with_output_scale(1.0)
+    # the scale the perplexity fit centres on, as the benchmarks compute it: the recipe's own
+    # sampled-KL dose, here where the run's pairs are the alignment's shipped ones
+    monkeypatch.setattr(recipes, "SHIPPED_PAIRS", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "anger.jsonl").write_text(pairs.read_text())
+    assert recipes.sampled_kl_dose(chat_model, undosed, "anger", by_kl) == first.doses["sampled"]
     prompts, sampled = tuning_prompts(4), Decodings(n_sampled=1, greedy=False)
     off = _generated_perplexity_by_hand(chat_model, None, prompts, sampled, 32)
     target = _generated_perplexity_by_hand(chat_model, undosed.with_output_scale(
