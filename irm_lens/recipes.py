@@ -273,7 +273,9 @@ RECIPES: dict[str, Recipe] = {
         # anger's sampled dose is also fitted on three of the five scales: two generations
         # fewer, the doses within 1.8% of the five-point fit, far inside the ~10% the tuning
         # seed moves them by, and every anger cell measured again at them ("Three points for
-        # anger's sampled dose"); sadness's and joy's cells were measured at five
+        # anger's sampled dose"). Sadness and joy keep five: measured at three, their seed 1's
+        # doses (bounded by distinct-2) moved by -3.8% and +8.2%, and each lost sampled cells
+        # ("Three points for sadness's and joy's sampled doses: tried, not adopted")
         alignment_settings={"anger": ("train.max_steps=45", "dose_grid=(0.8, 1.0, 1.2)"),
                             "sadness": ("train.chosen_lm=0.3",),
                             "joy": ("vector_scale=3.0", "train.entropy=0.1")},
