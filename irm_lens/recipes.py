@@ -263,19 +263,20 @@ RECIPES: dict[str, Recipe] = {
             "joy": dict(dose_kl=0.573, sampled_dose_kl=0.724, sampled_dose_perplexity=3.2,
                         sampled_dose_distinct2=0.8),
         },
-        # anger: 45 steps; its three seeds' validation loss was lowest at steps 45, 30 and 45 of
-        # 60, so the IRM kept came from there, and with a constant rate these are the same IRMs
-        # ("Anger stops at 45 steps"). sadness: the chosen replies' cross-entropy at 0.3, which
-        # spends its perplexity on sadness rather than on leaving the unsteered reply (12 of 12
-        # cells on sets 0-2, the earlier setting 9). joy: the warm start at CAA x3 and the
-        # entropy term, which together lifted joy's sampled replies without their repeating one
-        # phrase ("A sixth trial"). Both keep 60 steps: their validation loss still fell at 60.
-        # anger's sampled dose is also fitted on three of the five scales: two generations
-        # fewer, the doses within 1.8% of the five-point fit, far inside the ~10% the tuning
-        # seed moves them by, and every anger cell measured again at them ("Three points for
-        # anger's sampled dose"). Sadness and joy keep five: measured at three, their seed 1's
-        # doses (bounded by distinct-2) moved by -3.8% and +8.2%, and each lost sampled cells
-        # ("Three points for sadness's and joy's sampled doses: tried, not adopted")
+        # anger: 45 steps; its three seeds' validation loss was lowest at steps 45, 30 and 45 of 60,
+        # so the IRM kept came from there, and with a constant rate these are the same IRMs ("Anger
+        # stops at 45 steps"); at 30, seeds 0 and 2 met the bar in 3 of their 6 sampled cells on
+        # sets 0-2 ("Anger at 30 steps: tried, not adopted"). sadness: the chosen replies'
+        # cross-entropy at 0.3, which spends its perplexity on sadness rather than on leaving the
+        # unsteered reply (12 of 12 cells on sets 0-2, the earlier setting 9). joy: the warm start
+        # at CAA x3 and the entropy term, which together lifted joy's sampled replies without their
+        # repeating one phrase ("A sixth trial"). Both keep 60 steps: their validation loss still
+        # fell at 60. anger's sampled dose is also fitted on three of the five scales: two
+        # generations fewer, the doses within 1.8% of the five-point fit, far inside the ~10% the
+        # tuning seed moves them by, and every anger cell measured again at them ("Three points for
+        # anger's sampled dose"). Sadness and joy keep five: measured at three, their seed 1's doses
+        # (bounded by distinct-2) moved by -3.8% and +8.2%, and each lost sampled cells ("Three
+        # points for sadness's and joy's sampled doses: tried, not adopted")
         alignment_settings={"anger": ("train.max_steps=45", "dose_grid=(0.8, 1.0, 1.2)"),
                             "sadness": ("train.chosen_lm=0.3",),
                             "joy": ("vector_scale=3.0", "train.entropy=0.1")},
@@ -534,7 +535,7 @@ def sampled_kl_dose(model: HookedTransformer, irm: IRM, alignment: str, recipe: 
     """The scale at which ``irm`` moves the model by ``recipe``'s sampled KL on the calibration
     texts of ``alignment``'s shipped pairs: the scale the sampled dose's perplexity fit centres
     its grid on (a recipe's calibration finds it in one KL fit with the greedy dose)."""
-    pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{alignment}.jsonl", recipe)
+    pairs = read_recipe_pairs(shipped_pairs_path(alignment), recipe)
     found = dose_for_kl(model, irm, calibration_texts(model, pairs),
                         {"sampled": recipe.sampled_dose_kl})
     return found["sampled"][0]
@@ -564,7 +565,7 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
                  recipe: Recipe, out_dir: Path | None, progress: bool = True):
     """The shipped pairs for ``alignment`` on the embedded model, else pairs generated once
     (and kept in ``out_dir/pairs.jsonl``; each scale tried in ``out_dir/pairs_x<scale>.jsonl``)."""
-    shipped = SHIPPED_PAIRS / f"{alignment}.jsonl"
+    shipped = shipped_pairs_path(alignment)
     path = out_dir / "pairs.jsonl" if out_dir is not None else None
     if shipped.exists() and model.cfg.model_name == EMBEDDED_MODEL_NAME:
         path = shipped
@@ -574,6 +575,11 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
         shutil.copyfile(_fluent_scale_pairs(model, vector, alignment, recipe, out_dir, progress),
                         path)
     return read_recipe_pairs(path, recipe)
+
+
+def shipped_pairs_path(alignment: str) -> Path:
+    """Where the embedded model's pairs for ``alignment`` ship (``irm_lens/data/pairs/``)."""
+    return SHIPPED_PAIRS / f"{alignment}.jsonl"
 
 
 def read_recipe_pairs(path: Path | str, recipe: Recipe) -> list[PreferencePair]:

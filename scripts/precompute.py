@@ -26,7 +26,7 @@ from irm_lens.data.dataset import split_texts
 from irm_lens.data.precomputed import PRECOMPUTED, precomputation
 from irm_lens.investigate import (InvestigationSettings, main_job_baselines,
                                   main_job_comparison)
-from irm_lens.recipes import (RECIPES, SHIPPED_PAIRS, caa_vector, read_recipe_pairs,
+from irm_lens.recipes import (RECIPES, caa_vector, read_recipe_pairs, shipped_pairs_path,
                               unsteered_calibration)
 from irm_lens.train import split_objectives
 
@@ -50,7 +50,7 @@ def main() -> None:
     with precomputation("record") as lookups:
         for alignment in args.alignments.split(","):
             recipe = RECIPES[args.recipe].for_alignment(alignment)
-            pairs = read_recipe_pairs(SHIPPED_PAIRS / f"{alignment}.jsonl", recipe)
+            pairs = read_recipe_pairs(shipped_pairs_path(alignment), recipe)
             for seed in (int(s) for s in args.seeds.split(",")):
                 config = replace(recipe.train, seed=seed)
                 record(f"{alignment} seed {seed}: reference margins", lookups,
