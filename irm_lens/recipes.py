@@ -202,14 +202,18 @@ class Recipe:
                 "sampled": self.dose_kl if self.sampled_dose_kl is None else self.sampled_dose_kl}
 
     def dose_targets(self) -> dict[str, float | list[float]] | None:
-        """Every calibration target (the KLs, and the sampled perplexity ratio, with the grid
-        it is fitted on, and distinct-2 bound where set; None: fixed doses)."""
+        """Every calibration target (the KLs, the sampled perplexity ratio with the grid and
+        the number of tuning questions it is fitted on, and the distinct-2 bound with its
+        number of questions, where set; None: fixed doses): what a run's doses.json must match
+        to be reused."""
         targets = self.dose_kls()
         if targets is not None and self.sampled_dose_perplexity is not None:
             targets["sampled_perplexity_ratio"] = self.sampled_dose_perplexity
             targets["sampled_perplexity_grid"] = list(self.dose_grid)
+            targets["sampled_perplexity_prompts"] = self.tuning_prompts
         if self.sampled_dose_distinct2 is not None:
-            targets = (targets or {}) | {"sampled_distinct2_ratio": self.sampled_dose_distinct2}
+            targets = (targets or {}) | {"sampled_distinct2_ratio": self.sampled_dose_distinct2,
+                                         "sampled_distinct2_prompts": self.diversity_prompts}
         return targets
 
 
@@ -266,17 +270,19 @@ RECIPES: dict[str, Recipe] = {
         # anger: 45 steps; its three seeds' validation loss was lowest at steps 45, 30 and 45 of 60,
         # so the IRM kept came from there, and with a constant rate these are the same IRMs ("Anger
         # stops at 45 steps"); at 30, seeds 0 and 2 met the bar in 3 of their 6 sampled cells on
-        # sets 0-2 ("Anger at 30 steps: tried, not adopted"). sadness: the chosen replies'
-        # cross-entropy at 0.3, which spends its perplexity on sadness rather than on leaving the
-        # unsteered reply (12 of 12 cells on sets 0-2, the earlier setting 9). joy: the warm start
-        # at CAA x3 and the entropy term, which together lifted joy's sampled replies without their
-        # repeating one phrase ("A sixth trial"). Both keep 60 steps: their validation loss still
-        # fell at 60. anger's sampled dose is also fitted on three of the five scales: two
-        # generations fewer, the doses within 1.8% of the five-point fit, far inside the ~10% the
-        # tuning seed moves them by, and every anger cell measured again at them ("Three points for
-        # anger's sampled dose"). Sadness and joy keep five: measured at three, their seed 1's doses
-        # (bounded by distinct-2) moved by -3.8% and +8.2%, and each lost sampled cells ("Three
-        # points for sadness's and joy's sampled doses: tried, not adopted")
+        # sets 0-2 ("Anger at 30 steps: tried, not adopted"), and a sampled dose fitted on 20 tuning
+        # questions instead of 40 in 8 of 9 ("Anger's sampled dose on 20 tuning questions").
+        # sadness: the chosen replies' cross-entropy at 0.3, which spends its perplexity on sadness
+        # rather than on leaving the unsteered reply (12 of 12 cells on sets 0-2, the earlier
+        # setting 9). joy: the warm start at CAA x3 and the entropy term, which together lifted
+        # joy's sampled replies without their repeating one phrase ("A sixth trial"). Both keep 60
+        # steps: their validation loss still fell at 60. anger's sampled dose is also fitted on
+        # three of the five scales: two generations fewer, the doses within 1.8% of the five-point
+        # fit, far inside the ~10% the tuning seed moves them by, and every anger cell measured
+        # again at them ("Three points for anger's sampled dose"). Sadness and joy keep five:
+        # measured at three, their seed 1's doses (bounded by distinct-2) moved by -3.8% and +8.2%,
+        # and each lost sampled cells ("Three points for sadness's and joy's sampled doses: tried,
+        # not adopted")
         alignment_settings={"anger": ("train.max_steps=45", "dose_grid=(0.8, 1.0, 1.2)"),
                             "sadness": ("train.chosen_lm=0.3",),
                             "joy": ("vector_scale=3.0", "train.entropy=0.1")},

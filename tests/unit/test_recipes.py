@@ -273,6 +273,17 @@ def test_a_recipe_can_dose_sampled_decoding_to_a_perplexity_ratio(chat_model, tm
     assert fewer.doses["sampled"] != pytest.approx(result.doses["sampled"], rel=1e-9)
     kept = json.loads((run / "doses.json").read_text())
     assert kept["targets"]["sampled_perplexity_grid"] == [0.8, 1.0, 1.2]
+    # on fewer tuning questions: calibrated again, on those
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on_three = irm_lens.train_recipe(chat_model, "anger", run, progress=False, pairs=pairs,
+                                         recipe=dataclasses.replace(three, tuning_prompts=3))
+        expected = dose_for_perplexity(chat_model, undosed, tuning_prompts(3), target,
+                                       first.doses["sampled"], grid=(0.8, 1.0, 1.2))
+    assert on_three.doses["sampled"] == pytest.approx(expected[0], rel=1e-9)
+    assert on_three.doses["sampled"] != pytest.approx(fewer.doses["sampled"], rel=1e-9)
+    kept = json.loads((run / "doses.json").read_text())
+    assert kept["targets"]["sampled_perplexity_prompts"] == 3
     with pytest.raises(irm_lens.ConfigError, match="tuning questions"):
         tuning_prompts(10**6)
 
@@ -356,6 +367,7 @@ def test_a_recipe_bounds_its_sampled_dose_by_diversity(chat_model, tmp_path, mon
         math.exp(intercept + slope * math.log(dose / 1.1)), rel=1e-6)
     kept = json.loads((run / "doses.json").read_text())
     assert kept["targets"]["sampled_distinct2_ratio"] == line
+    assert kept["targets"]["sampled_distinct2_prompts"] == 6
     assert kept["doses"] == result.doses and kept["distinct2_ratio"] == result.distinct2_ratio
     # a fixed-dose recipe is bounded the same way
     fixed = Recipe(objective="preference", vector_depth=0.5, vector_scale=0.1, sampled_dose=dose,
