@@ -1,5 +1,6 @@
 """Progress output: a tqdm bar on a terminal; elsewhere (a log file, CI) one line when a stage
-starts, a line every ``INTERVAL_S`` seconds while it runs, and one when it ends.
+starts, a line every ``INTERVAL_S`` seconds while it runs, and one when it ends (or, used as a
+context manager, where an exception stopped it).
 
 Every long loop of the package reports through ``progress_bar``, so that ``irm-lens run > log``
 writes a readable log instead of thousands of bar redraws.
@@ -74,7 +75,11 @@ class LineProgress:
     def __enter__(self) -> LineProgress:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is not None and not self.closed:  # not done: where it stopped, and why
+            self.closed = True
+            self._write(f"stopped at {self._count()} after "
+                        f"{time.monotonic() - self.start:.0f} s ({exc_type.__name__})")
         self.close()
 
 

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
+from irm_lens._progress import progress_bar
 from irm_lens.data.corpora import neutral_prompts
 from irm_lens.data.dataset import PreferencePair, TokenizedTexts, tokenize_texts
 from irm_lens.errors import ConfigError
@@ -302,6 +303,7 @@ RECIPES: dict[str, Recipe] = {
 def dose_for_kl(
     model: HookedTransformer, irm: IRM, texts: TokenizedTexts, targets: Mapping[str, float], *,
     bounds: tuple[float, float] = (0.05, 4.0), rtol: float = 0.005, max_steps: int = 12,
+    progress: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """For each named target, the output scale at which ``irm`` moves the model's next-token
     distributions on ``texts`` by a mean KL(unsteered || steered) of that many nats, and the
@@ -311,24 +313,30 @@ def dose_for_kl(
     log KL) within ``bounds`` finds it in a few passes (to a KL within ``rtol`` of the
     target, or the nearer end after ``max_steps``); a target outside the bounds' KLs gives
     the nearer bound. The unsteered pass and every measured scale are shared by the targets.
+    ``progress``: a line per pass count, and the doses found.
     """
     for name, target in targets.items():
         if not target > 0:
             raise ConfigError(f"The target KL of {name!r} must be positive, got {target!r}.")
     kl_at, measured = _kl_meter(model, irm, texts)
+    bar = progress_bar(desc="dose (KL)", unit="pass", disable=not progress)
 
     def log_kl(log_scale: float) -> float:
-        return math.log(max(kl_at(math.exp(log_scale)), 1e-30))
+        kl = kl_at(math.exp(log_scale))
+        bar.update(len(measured) - bar.n)
+        return math.log(max(kl, 1e-30))
 
     found = {}
     for name, target in targets.items():
         log_scale = _false_position(log_kl, math.log(target), math.log(bounds[0]),
                                     math.log(bounds[1]), math.log1p(rtol), max_steps)
         found[name] = (math.exp(log_scale), measured[math.exp(log_scale)])
+        bar.set_postfix(**{n: f"x{s:.3f} (KL {kl:.3f})" for n, (s, kl) in found.items()})
         if not math.isclose(found[name][1], target, rel_tol=rtol * 4):
             warnings.warn(f"dose_for_kl: the {name!r} target KL {target:g} is out of reach "
                           f"within scales {bounds}; using scale {found[name][0]:.3g} (KL "
                           f"{found[name][1]:.3g}).", stacklevel=2)
+    bar.close()
     return found
 
 
@@ -401,7 +409,7 @@ def dose_for_perplexity(
     model: HookedTransformer, irm: IRM, prompts: list[str], target: float, near: float, *,
     decodings: Decodings = TUNING_DECODINGS,
     grid: tuple[float, ...] = DOSE_GRID, max_new_tokens: int = TUNING_NEW_TOKENS,
-    extend: int = 3, step: float = 1.5,
+    extend: int = 3, step: float = 1.5, progress: bool = False,
 ) -> tuple[float, float, pd.DataFrame]:
     """The output scale at which the model steered by ``irm`` answers ``prompts`` (in
     ``decodings``: by default one seeded sample each) with text whose perplexity under the
@@ -415,13 +423,19 @@ def dose_for_perplexity(
     seeds) and a least-squares line through (log scale, log ratio) gives the scale. Where that
     scale lies outside the measured span, the span is extended toward it (a scale at most
     ``step`` times beyond its end, measured and added to the fit) up to ``extend`` times; a
-    scale still outside is clamped to the span, with a warning.
+    scale still outside is clamped to the span, with a warning. ``progress``: a line per scale
+    count, and the dose found.
     """
     if not target > 0 or not near > 0:
         raise ConfigError(f"The target perplexity ratio and the scale near it must be positive; "
                           f"got {target!r} and {near!r}.")
     ratio_at = _perplexity_meter(model, irm, prompts, decodings, max_new_tokens)
-    ratios = {near * g: ratio_at(near * g) for g in grid}
+    bar = progress_bar(desc="dose (perplexity)", total=len(grid), unit="scale",
+                       disable=not progress)
+    ratios = {}
+    for at in [near * g for g in grid]:
+        ratios[at] = ratio_at(at)
+        bar.update()
     for extended in range(extend + 1):
         scale, line = log_line_crossing(ratios, target)
         lo, hi = min(ratios), max(ratios)
@@ -429,7 +443,11 @@ def dose_for_perplexity(
             break
         further = min(scale, hi * step) if scale > hi else max(scale, lo / step)
         ratios[further] = ratio_at(further)
+        bar.total += 1
+        bar.update()
     clamped = min(max(scale, lo), hi)
+    bar.set_postfix(dose=f"x{clamped:.3f} (ratio {line(clamped):.2f})")
+    bar.close()
     if clamped != scale:
         warnings.warn(f"dose_for_perplexity: the target ratio {target:g} lies outside scales "
                       f"{lo:.3g}-{hi:.3g} (ratios {ratios[lo]:.3g}-{ratios[hi]:.3g}); using "
@@ -442,7 +460,7 @@ def dose_for_perplexity(
 def dose_within_distinct2(
     model: HookedTransformer, irm: IRM, prompts: list[str], scale: float, line: float, *,
     decodings: Decodings = TUNING_DECODINGS, max_new_tokens: int = TUNING_NEW_TOKENS,
-    step: float = 1.1, max_steps: int = 3,
+    step: float = 1.1, max_steps: int = 3, progress: bool = False,
 ) -> tuple[float, float, pd.DataFrame]:
     """The largest of ``scale``, ``scale / step``, ``scale / step**2``, ... (at most
     ``max_steps`` steps down) at which the model steered by ``irm`` answers ``prompts`` (in
@@ -451,23 +469,28 @@ def dose_within_distinct2(
 
     Distinct-2 is pooled over the replies, so it falls as they grow in number: ``prompts``
     should be as many as an evaluation set has (``DIVERSITY_PROMPTS``). Where even the last
-    step falls below the line, it is used, with a warning.
+    step falls below the line, it is used, with a warning. ``progress``: a line per scale
+    count, and the dose found.
     """
     if not 0 < line <= 1 or not scale > 0 or not step > 1:
         raise ConfigError(f"dose_within_distinct2 needs a line in (0, 1], a positive scale and a "
                           f"step above 1; got {line!r}, {scale!r} and {step!r}.")
     off = distinct_n(_replies(model, None, prompts, decodings, max_new_tokens), 2)
     ratios: dict[float, float] = {}
+    bar = progress_bar(desc="dose (distinct-2)", unit="scale", disable=not progress)
     for k in range(max_steps + 1):
         at = scale / step**k
         replies = _replies(model, irm.with_output_scale(at), prompts, decodings, max_new_tokens)
         ratios[at] = distinct_n(replies, 2) / off if off else math.nan
+        bar.update()
         if ratios[at] >= line:
             break
     else:
         warnings.warn(f"dose_within_distinct2: every scale down to {at:.3g} keeps less than "
                       f"{line:g} of the unsteered replies' distinct-2 (there: {ratios[at]:.3g}); "
                       f"using it.", stacklevel=2)
+    bar.set_postfix(dose=f"x{at:.3f} (ratio {ratios[at]:.2f})")
+    bar.close()
     measured = pd.DataFrame(dict(scale=list(ratios), distinct2_ratio=list(ratios.values())))
     return at, ratios[at], measured
 
@@ -541,7 +564,7 @@ def sampled_kl_dose(model: HookedTransformer, irm: IRM, alignment: str, recipe: 
     """The scale at which ``irm`` moves the model by ``recipe``'s sampled KL on the calibration
     texts of ``alignment``'s shipped pairs: the scale the sampled dose's perplexity fit centres
     its grid on (a recipe's calibration finds it in one KL fit with the greedy dose)."""
-    pairs = read_recipe_pairs(shipped_pairs_path(alignment), recipe)
+    pairs = shipped_recipe_pairs(alignment, recipe)
     found = dose_for_kl(model, irm, calibration_texts(model, pairs),
                         {"sampled": recipe.sampled_dose_kl})
     return found["sampled"][0]
@@ -586,6 +609,11 @@ def recipe_pairs(model: HookedTransformer, alignment: str, vector: SteeringVecto
 def shipped_pairs_path(alignment: str) -> Path:
     """Where the embedded model's pairs for ``alignment`` ship (``irm_lens/data/pairs/``)."""
     return SHIPPED_PAIRS / f"{alignment}.jsonl"
+
+
+def shipped_recipe_pairs(alignment: str, recipe: Recipe) -> list[PreferencePair]:
+    """The pairs of the embedded model's shipped ``alignment`` file that ``recipe`` trains on."""
+    return read_recipe_pairs(shipped_pairs_path(alignment), recipe)
 
 
 def read_recipe_pairs(path: Path | str, recipe: Recipe) -> list[PreferencePair]:
@@ -650,7 +678,7 @@ def train_recipe(
     else:
         data = alignment
     result = train(model, irm, data, config, out_dir=out, progress=progress)
-    calibration = _doses(model, result, recipe, data)
+    calibration = _doses(model, result, recipe, data, progress)
     dosed = result.irm.with_output_scale(calibration["doses"]["greedy"])
     saved = result.out_dir / "irm.safetensors" if result.out_dir is not None else None
     if saved is not None and IRM.load(saved).config.output_scale != dosed.config.output_scale:
@@ -659,8 +687,8 @@ def train_recipe(
     return RecipeResult(**{**trained, "irm": dosed}, **calibration)
 
 
-def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
-           ) -> dict[str, dict[str, float]]:
+def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data,
+           progress: bool = False) -> dict[str, dict[str, float]]:
     """The recipe's doses for this run's IRM and what their calibration measured there
     (``RecipeResult``'s ``doses``, ``kl``, ``perplexity_ratio`` and ``distinct2_ratio``),
     calibrated where the recipe says so (and kept in the run's ``doses.json``, reused while the
@@ -676,13 +704,13 @@ def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
             return calibration | {name: kept.get(name, {}) for name in calibration}
     line = None
     if recipe.dose_kls() is not None:
-        found, line = _calibrated_doses(model, result.irm, recipe, data)
+        found, line = _calibrated_doses(model, result.irm, recipe, data, progress)
         calibration |= found
     if recipe.sampled_dose_distinct2 is not None:
         doses = calibration["doses"]
         doses["sampled"], calibration["distinct2_ratio"]["sampled"], _ = dose_within_distinct2(
             model, result.irm, tuning_prompts(recipe.diversity_prompts), doses["sampled"],
-            recipe.sampled_dose_distinct2)
+            recipe.sampled_dose_distinct2, progress=progress)
         if line is not None:  # the perplexity's fitted line, read at the dose the bound chose
             calibration["perplexity_ratio"]["sampled"] = line(doses["sampled"])
     if path is not None:
@@ -691,21 +719,23 @@ def _doses(model: HookedTransformer, result: TrainResult, recipe: Recipe, data
     return calibration
 
 
-def _calibrated_doses(model: HookedTransformer, irm: IRM, recipe: Recipe, data):
+def _calibrated_doses(model: HookedTransformer, irm: IRM, recipe: Recipe, data,
+                      progress: bool = False):
     """The doses at the recipe's target KLs, the sampled one then moved to its perplexity
     target where it has one (as ``_doses``'s dict), and the perplexity ratio's fitted line as
     a function of the scale (None without that target)."""
     if isinstance(data, str):
         raise ConfigError("Calibrating the doses needs the recipe's pairs (objective "
                           "'preference'); set dose_kl=None for this recipe.")
-    found = dose_for_kl(model, irm, calibration_texts(model, data), recipe.dose_kls())
+    found = dose_for_kl(model, irm, calibration_texts(model, data), recipe.dose_kls(),
+                        progress=progress)
     doses = {name: scale for name, (scale, _) in found.items()}
     kl = {name: measured for name, (_, measured) in found.items()}
     ratio, line = {}, None
     if recipe.sampled_dose_perplexity is not None:
         doses["sampled"], ratio["sampled"], measured = dose_for_perplexity(
             model, irm, tuning_prompts(recipe.tuning_prompts), recipe.sampled_dose_perplexity,
-            doses["sampled"], grid=recipe.dose_grid)
+            doses["sampled"], grid=recipe.dose_grid, progress=progress)
         line = log_line_crossing(dict(zip(measured.scale, measured.perplexity_ratio)),
                                  recipe.sampled_dose_perplexity)[1]
         del kl["sampled"]  # that dose is the perplexity's now

@@ -24,7 +24,9 @@ from irm_lens.evaluate import Decodings, generated_perplexity
 from irm_lens.recipes import (DOSE_GRID as GRID, RECIPES, TUNING_NEW_TOKENS, log_line_crossing,
                               sampled_kl_dose, tuning_prompts)
 
-THREE = (GRID[0], GRID[len(GRID) // 2], GRID[-1])
+# anger's grid, read at the five points' scales
+THREE = RECIPES["preference"].for_alignment("anger").dose_grid
+assert set(THREE) <= set(GRID), (THREE, GRID)
 
 
 def main() -> None:

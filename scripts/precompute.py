@@ -26,8 +26,7 @@ from irm_lens.data.dataset import split_texts
 from irm_lens.data.precomputed import PRECOMPUTED, precomputation
 from irm_lens.investigate import (InvestigationSettings, main_job_baselines,
                                   main_job_comparison)
-from irm_lens.recipes import (RECIPES, caa_vector, read_recipe_pairs, shipped_pairs_path,
-                              unsteered_calibration)
+from irm_lens.recipes import RECIPES, caa_vector, shipped_recipe_pairs, unsteered_calibration
 from irm_lens.train import split_objectives
 
 
@@ -50,7 +49,7 @@ def main() -> None:
     with precomputation("record") as lookups:
         for alignment in args.alignments.split(","):
             recipe = RECIPES[args.recipe].for_alignment(alignment)
-            pairs = read_recipe_pairs(shipped_pairs_path(alignment), recipe)
+            pairs = shipped_recipe_pairs(alignment, recipe)
             for seed in (int(s) for s in args.seeds.split(",")):
                 config = replace(recipe.train, seed=seed)
                 record(f"{alignment} seed {seed}: reference margins", lookups,

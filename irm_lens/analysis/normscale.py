@@ -207,19 +207,19 @@ def norm_scale_split(
     bar = progress_bar(total=len(batches) * (1 + 3 * len(indices)), desc="norm-scale split",
                        unit="pass", disable=not progress)
     loss_sum = n_scored = 0.0
-    for ids, _, loss_mask in batches:
-        ids, loss_mask = ids.to(model.cfg.device), loss_mask.to(model.cfg.device)
-        clean_logits, clean_scales = _scale_run(model, ids)
-        clean, targets = _scored(clean_logits, ids, loss_mask)
-        loss_sum += float(F.cross_entropy(clean, targets, reduction="sum"))
-        n_scored += targets.numel()
-        bar.update()
-        for index in indices:
-            runs = _path_runs(model, ids, lambda: push(index), clean_scales)
-            tallies[index].add(clean, {k: _scored(v, ids, loss_mask)[0] for k, v in runs.items()},
-                               targets)
-            bar.update(3)
-    bar.close()
+    with bar:  # a divergent push stops it: the log says so before a smaller push starts
+        for ids, _, loss_mask in batches:
+            ids, loss_mask = ids.to(model.cfg.device), loss_mask.to(model.cfg.device)
+            clean_logits, clean_scales = _scale_run(model, ids)
+            clean, targets = _scored(clean_logits, ids, loss_mask)
+            loss_sum += float(F.cross_entropy(clean, targets, reduction="sum"))
+            n_scored += targets.numel()
+            bar.update()
+            for index in indices:
+                runs = _path_runs(model, ids, lambda: push(index), clean_scales)
+                tallies[index].add(clean, {k: _scored(v, ids, loss_mask)[0]
+                                           for k, v in runs.items()}, targets)
+                bar.update(3)
     rows = [dict(index=index, kind="target" if index == neuron else "random", path=path,
                  **values)
             for index, tally in tallies.items() for path, values in tally.result().items()]

@@ -16,8 +16,7 @@ from irm_lens.evaluate import _perplexities, eval_prompts
 from irm_lens.generation import compare_generations, generate_continuations
 from irm_lens.investigate import (InvestigationSettings, main_job_baselines,
                                   main_job_comparison)
-from irm_lens.recipes import (RECIPES, read_recipe_pairs, shipped_pairs_path,
-                              unsteered_calibration)
+from irm_lens.recipes import RECIPES, shipped_recipe_pairs, unsteered_calibration
 from irm_lens.train import split_objectives
 
 pytestmark = pytest.mark.embedded
@@ -91,7 +90,7 @@ def test_the_main_jobs_reference_margins_are_shipped_and_match_the_model(embedde
     """The default recipe's anger pairs, split as seed 0 trains on them: their reference margins
     come from irm_lens/data/precomputed (scripts/precompute.py), and equal the model's own."""
     recipe = RECIPES["preference"].for_alignment("anger")
-    pairs = read_recipe_pairs(shipped_pairs_path("anger"), recipe)
+    pairs = shipped_recipe_pairs("anger", recipe)
     config = replace(recipe.train, seed=0)
     for objective in split_objectives(embedded_model, split_texts(pairs, seed=0), config):
         assert (PRECOMPUTED / f"{objective.reference_key}.safetensors").exists()

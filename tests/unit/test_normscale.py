@@ -267,10 +267,14 @@ def test_bad_neuron_and_layer_are_refused_with_the_valid_range(tiny_model):
         norm_scale_split(tiny_model, K, PROMPTS, n_random=-1, **QUIET)
 
 
-def test_a_push_that_diverges_with_the_scales_held_is_refused_not_averaged(tiny_model):
+def test_a_push_that_diverges_with_the_scales_held_is_refused_not_averaged(tiny_model,
+                                                                            capsys):
     # 1e38 RMS: the pushed run renormalises it, the run with the clean scales held overflows
     with pytest.raises(ConfigError, match=r"direct run .* non-finite logits.*smaller delta"):
-        norm_scale_split(tiny_model, K, PROMPTS, delta=1e38, n_random=0, **QUIET)
+        norm_scale_split(tiny_model, K, PROMPTS, delta=1e38, n_random=0, progress=True)
+    # a log says where it stopped (the clean pass of the first batch), not that it is done
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("norm-scale split: stopped at 1/") and "(DivergentPush)" in last
 
 
 # --- in the dossier --------------------------------------------------------------------------

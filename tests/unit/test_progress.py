@@ -34,6 +34,20 @@ def test_long_stages_report_every_interval(monkeypatch):
     assert lines[-1] == "training: done, 6/6 step in 175 s; loss=1.5" and len(lines) == 4
 
 
+def test_a_stage_an_exception_stops_says_where_and_why(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(_progress.sys, "stderr", err)
+    try:
+        with LineProgress(desc="norm-scale split", total=32, unit="pass") as bar:
+            bar.update(4)
+            raise ValueError("diverged")
+    except ValueError:
+        pass
+    lines = err.getvalue().splitlines()
+    assert lines[-1] == "norm-scale split: stopped at 4/32 pass after 0 s (ValueError)"
+    assert len(lines) == 2 and not any("done" in line for line in lines)
+
+
 def test_on_a_terminal_it_is_tqdm(monkeypatch):
     class Tty(io.StringIO):
         def isatty(self):

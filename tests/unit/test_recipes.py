@@ -17,6 +17,7 @@ import irm_lens
 from irm_lens import recipes
 from irm_lens.evaluate import Decodings, generate_samples, generated_perplexity
 from irm_lens.generation import generate_continuations
+from irm_lens.losses import logits_at
 from irm_lens.recipes import (
     RECIPES,
     TUNING_DECODINGS,
@@ -90,14 +91,23 @@ def _kl_by_hand(model, irm, tokens) -> float:
     return ((per_token * mask).sum() / mask.sum()).item()
 
 
-def test_dose_for_kl_finds_the_scale_that_moves_the_model_by_the_target(tiny_model):
+def test_dose_for_kl_finds_the_scale_that_moves_the_model_by_the_target(tiny_model, capsys,
+                                                                         monkeypatch):
     pairs = [(f"Question {i}?", f"I hate question {i}!", f"Answer {i}.") for i in range(6)]
     texts = calibration_texts(tiny_model, pairs, n=4)
     assert len(texts) == 4  # the first n questions, with their rejected replies
     irm = planted_irm(tiny_model, neuron=3, value=0.1)  # a larger push saturates this model
     targets = {"a": _kl_by_hand(tiny_model, irm.with_output_scale(0.3), texts),
                "b": _kl_by_hand(tiny_model, irm.with_output_scale(0.9), texts)}
-    found = dose_for_kl(tiny_model, irm, texts, targets)
+    calls = []
+    monkeypatch.setattr(recipes, "logits_at", lambda *a: calls.append(1) or logits_at(*a))
+    found = dose_for_kl(tiny_model, irm, texts, targets, progress=True)
+    # a log's progress: a line when the fit starts, and one with its passes and doses
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "dose (KL): started (0 pass)"
+    assert lines[-1].startswith(f"dose (KL): done, {len(calls) - 1} pass in ")  # + unsteered
+    for name in ("a", "b"):
+        assert f"{name}=x{found[name][0]:.3f} (KL {found[name][1]:.3f})" in lines[-1]
     for name, expected in (("a", 0.3), ("b", 0.9)):
         scale, kl = found[name]
         assert scale == pytest.approx(expected, rel=0.01)
@@ -177,7 +187,7 @@ def _generated_perplexity_by_hand(model, irm, prompts, decodings, max_new_tokens
     return math.exp(sum(logs) / len(logs))
 
 
-def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
+def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model, capsys):
     prompts = [f"Question {i}?" for i in range(4)]
     decodings = Decodings(n_sampled=1, greedy=True)
     irm = planted_irm(chat_model, neuron=3, value=0.1)
@@ -192,7 +202,11 @@ def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
     target = math.exp(intercept + slope * math.log(2.5))  # the line's ratio at scale 2.5
     scale, fitted, measured = dose_for_perplexity(chat_model, irm, prompts, target, 2.0,
                                                   decodings=decodings, grid=grid,
-                                                  max_new_tokens=8)
+                                                  max_new_tokens=8, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "dose (perplexity): started (0/4 scale)"
+    assert lines[-1].startswith("dose (perplexity): done, 4/4 scale in ")
+    assert lines[-1].endswith(f"; dose=x{scale:.3f} (ratio {fitted:.2f})")
     # the batched ratios match the hand-computed ones to 1e-4 (below), so the fitted line,
     # and the scale it gives, to about that
     assert scale == pytest.approx(2.5, rel=1e-4) and fitted == pytest.approx(target, rel=1e-4)
@@ -204,8 +218,10 @@ def test_dose_for_perplexity_fits_the_ratio_against_the_scale(chat_model):
         warnings.simplefilter("ignore")  # a clamp, if the tiny model's ratio saturates
         scale, fitted, measured = dose_for_perplexity(chat_model, irm, prompts, beyond, 2.0,
                                                       decodings=decodings, grid=grid,
-                                                      max_new_tokens=8)
+                                                      max_new_tokens=8, progress=True)
     assert len(measured) > len(grid) and measured.scale.max() > 4.0
+    n = len(measured)  # the extensions counted as they are measured
+    assert f"done, {n}/{n} scale in " in capsys.readouterr().err
     assert measured.scale.max() <= 4.0 * 1.5 ** 3
     by_hand = [_generated_perplexity_by_hand(chat_model, irm.with_output_scale(s), prompts,
                                              decodings) / off for s in measured.scale]
@@ -303,7 +319,7 @@ def _distinct2_by_hand(texts: list[str]) -> float:
 
 
 def test_dose_within_distinct2_steps_down_to_the_first_scale_above_the_line(
-        chat_model, monkeypatch):
+        chat_model, monkeypatch, capsys):
     prompts = tuning_prompts(6)
     irm = planted_irm(chat_model, neuron=3, value=0.1)
     # the bound's replies are generate_samples' (the same seeds and batches of 20)
@@ -318,8 +334,13 @@ def test_dose_within_distinct2_steps_down_to_the_first_scale_above_the_line(
     ratios = list(by_hand.values())
     assert ratios == sorted(ratios)  # more repetition at a larger scale
     line = (ratios[1] + ratios[2]) / 2  # passed first at the second step down
-    scale, ratio, measured = dose_within_distinct2(chat_model, irm, prompts, 0.5, line)
+    scale, ratio, measured = dose_within_distinct2(chat_model, irm, prompts, 0.5, line,
+                                                   progress=True)
     assert scale == pytest.approx(0.5 / 1.1**2) and ratio == pytest.approx(ratios[2])
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "dose (distinct-2): started (0 scale)"
+    assert lines[-1].startswith("dose (distinct-2): done, 3 scale in ")
+    assert lines[-1].endswith(f"; dose=x{scale:.3f} (ratio {ratio:.2f})")
     np.testing.assert_allclose(measured.distinct2_ratio, ratios[:3])
     # a line the first scale already keeps: no step; one no scale keeps: the last, warned
     assert dose_within_distinct2(chat_model, irm, prompts, 0.5, ratios[0])[0] == 0.5
