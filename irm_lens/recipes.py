@@ -313,30 +313,30 @@ def dose_for_kl(
     log KL) within ``bounds`` finds it in a few passes (to a KL within ``rtol`` of the
     target, or the nearer end after ``max_steps``); a target outside the bounds' KLs gives
     the nearer bound. The unsteered pass and every measured scale are shared by the targets.
-    ``progress``: a line per pass count, and the doses found.
+    ``progress``: progress lines (the passes so far, then the doses found).
     """
     for name, target in targets.items():
         if not target > 0:
             raise ConfigError(f"The target KL of {name!r} must be positive, got {target!r}.")
     kl_at, measured = _kl_meter(model, irm, texts)
-    bar = progress_bar(desc="dose (KL)", unit="pass", disable=not progress)
-
-    def log_kl(log_scale: float) -> float:
-        kl = kl_at(math.exp(log_scale))
-        bar.update(len(measured) - bar.n)
-        return math.log(max(kl, 1e-30))
-
     found = {}
+    with progress_bar(desc="dose (KL)", unit="pass", disable=not progress) as bar:
+
+        def log_kl(log_scale: float) -> float:
+            kl = kl_at(math.exp(log_scale))
+            bar.update(len(measured) - bar.n)  # scales measured so far (each once)
+            return math.log(max(kl, 1e-30))
+
+        for name, target in targets.items():
+            log_scale = _false_position(log_kl, math.log(target), math.log(bounds[0]),
+                                        math.log(bounds[1]), math.log1p(rtol), max_steps)
+            found[name] = (math.exp(log_scale), measured[math.exp(log_scale)])
+            bar.set_postfix(**{n: f"x{s:.3f} (KL {kl:.3f})" for n, (s, kl) in found.items()})
     for name, target in targets.items():
-        log_scale = _false_position(log_kl, math.log(target), math.log(bounds[0]),
-                                    math.log(bounds[1]), math.log1p(rtol), max_steps)
-        found[name] = (math.exp(log_scale), measured[math.exp(log_scale)])
-        bar.set_postfix(**{n: f"x{s:.3f} (KL {kl:.3f})" for n, (s, kl) in found.items()})
         if not math.isclose(found[name][1], target, rel_tol=rtol * 4):
             warnings.warn(f"dose_for_kl: the {name!r} target KL {target:g} is out of reach "
                           f"within scales {bounds}; using scale {found[name][0]:.3g} (KL "
                           f"{found[name][1]:.3g}).", stacklevel=2)
-    bar.close()
     return found
 
 
@@ -423,31 +423,30 @@ def dose_for_perplexity(
     seeds) and a least-squares line through (log scale, log ratio) gives the scale. Where that
     scale lies outside the measured span, the span is extended toward it (a scale at most
     ``step`` times beyond its end, measured and added to the fit) up to ``extend`` times; a
-    scale still outside is clamped to the span, with a warning. ``progress``: a line per scale
-    count, and the dose found.
+    scale still outside is clamped to the span, with a warning. ``progress``: progress lines
+    (the scales so far, then the dose found).
     """
     if not target > 0 or not near > 0:
         raise ConfigError(f"The target perplexity ratio and the scale near it must be positive; "
                           f"got {target!r} and {near!r}.")
     ratio_at = _perplexity_meter(model, irm, prompts, decodings, max_new_tokens)
-    bar = progress_bar(desc="dose (perplexity)", total=len(grid), unit="scale",
-                       disable=not progress)
     ratios = {}
-    for at in [near * g for g in grid]:
-        ratios[at] = ratio_at(at)
-        bar.update()
-    for extended in range(extend + 1):
-        scale, line = log_line_crossing(ratios, target)
-        lo, hi = min(ratios), max(ratios)
-        if lo <= scale <= hi or extended == extend:
-            break
-        further = min(scale, hi * step) if scale > hi else max(scale, lo / step)
-        ratios[further] = ratio_at(further)
-        bar.total += 1
-        bar.update()
-    clamped = min(max(scale, lo), hi)
-    bar.set_postfix(dose=f"x{clamped:.3f} (ratio {line(clamped):.2f})")
-    bar.close()
+    with progress_bar(desc="dose (perplexity)", total=len(grid), unit="scale",
+                      disable=not progress) as bar:
+        for at in [near * g for g in grid]:
+            ratios[at] = ratio_at(at)
+            bar.update()
+        for extended in range(extend + 1):
+            scale, line = log_line_crossing(ratios, target)
+            lo, hi = min(ratios), max(ratios)
+            if lo <= scale <= hi or extended == extend:
+                break
+            further = min(scale, hi * step) if scale > hi else max(scale, lo / step)
+            ratios[further] = ratio_at(further)
+            bar.total += 1
+            bar.update()
+        clamped = min(max(scale, lo), hi)
+        bar.set_postfix(dose=f"x{clamped:.3f} (ratio {line(clamped):.2f})")
     if clamped != scale:
         warnings.warn(f"dose_for_perplexity: the target ratio {target:g} lies outside scales "
                       f"{lo:.3g}-{hi:.3g} (ratios {ratios[lo]:.3g}-{ratios[hi]:.3g}); using "
@@ -469,28 +468,28 @@ def dose_within_distinct2(
 
     Distinct-2 is pooled over the replies, so it falls as they grow in number: ``prompts``
     should be as many as an evaluation set has (``DIVERSITY_PROMPTS``). Where even the last
-    step falls below the line, it is used, with a warning. ``progress``: a line per scale
-    count, and the dose found.
+    step falls below the line, it is used, with a warning. ``progress``: progress lines (the
+    scales so far, then the dose found).
     """
     if not 0 < line <= 1 or not scale > 0 or not step > 1:
         raise ConfigError(f"dose_within_distinct2 needs a line in (0, 1], a positive scale and a "
                           f"step above 1; got {line!r}, {scale!r} and {step!r}.")
     off = distinct_n(_replies(model, None, prompts, decodings, max_new_tokens), 2)
     ratios: dict[float, float] = {}
-    bar = progress_bar(desc="dose (distinct-2)", unit="scale", disable=not progress)
-    for k in range(max_steps + 1):
-        at = scale / step**k
-        replies = _replies(model, irm.with_output_scale(at), prompts, decodings, max_new_tokens)
-        ratios[at] = distinct_n(replies, 2) / off if off else math.nan
-        bar.update()
-        if ratios[at] >= line:
-            break
-    else:
+    with progress_bar(desc="dose (distinct-2)", unit="scale", disable=not progress) as bar:
+        for k in range(max_steps + 1):
+            at = scale / step**k
+            replies = _replies(model, irm.with_output_scale(at), prompts, decodings,
+                               max_new_tokens)
+            ratios[at] = distinct_n(replies, 2) / off if off else math.nan
+            bar.update()
+            if ratios[at] >= line:
+                break
+        bar.set_postfix(dose=f"x{at:.3f} (ratio {ratios[at]:.2f})")
+    if not ratios[at] >= line:  # every step down fell below it (or no ratio: NaN)
         warnings.warn(f"dose_within_distinct2: every scale down to {at:.3g} keeps less than "
                       f"{line:g} of the unsteered replies' distinct-2 (there: {ratios[at]:.3g}); "
                       f"using it.", stacklevel=2)
-    bar.set_postfix(dose=f"x{at:.3f} (ratio {ratios[at]:.2f})")
-    bar.close()
     measured = pd.DataFrame(dict(scale=list(ratios), distinct2_ratio=list(ratios.values())))
     return at, ratios[at], measured
 
