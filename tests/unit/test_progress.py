@@ -37,6 +37,8 @@ def test_long_stages_report_every_interval(monkeypatch):
 def test_a_stage_an_exception_stops_says_where_and_why(monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr(_progress.sys, "stderr", err)
+    clock = iter([0.0, 0.0, 3.0])  # started at 0 s; one update; stopped at 3 s
+    monkeypatch.setattr(_progress.time, "monotonic", lambda: next(clock))
     try:
         with LineProgress(desc="norm-scale split", total=32, unit="pass") as bar:
             bar.update(4)
@@ -44,7 +46,7 @@ def test_a_stage_an_exception_stops_says_where_and_why(monkeypatch):
     except ValueError:
         pass
     lines = err.getvalue().splitlines()
-    assert lines[-1] == "norm-scale split: stopped at 4/32 pass after 0 s (ValueError)"
+    assert lines[-1] == "norm-scale split: stopped at 4/32 pass after 3 s (ValueError)"
     assert len(lines) == 2 and not any("done" in line for line in lines)
 
 
